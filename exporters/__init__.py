@@ -1,0 +1,1 @@
+"""Exporters: from a bundle or nn.Module to deployable graphs (ONNX, TensorRT)."""

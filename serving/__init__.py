@@ -1,0 +1,1 @@
+"""Serving: everything that runs an artefact — runtimes, benchmark harness, parity, reports."""

@@ -1,0 +1,1 @@
+"""Runtimes: one small class per backend behind one protocol."""
