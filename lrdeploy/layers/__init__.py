@@ -1,1 +1,24 @@
-"""lrdeploy.layers."""
+"""lrdeploy.layers: factorised modules that know how to fold themselves, and their structure records."""
+
+from __future__ import annotations
+
+from lrdeploy.layers import structure
+from lrdeploy.layers.lowrank import FOLD_MODES, LOWRANK_TYPES, LowRankConv2d, LowRankLayer, LowRankLinear
+from lrdeploy.layers.structure import apply as apply_structure
+from lrdeploy.layers.structure import describe as describe_structure
+from lrdeploy.layers.svd import energy_kept, rank_for_energy, rank_for_ratio, svd_2d
+
+__all__ = [
+    "FOLD_MODES",
+    "LOWRANK_TYPES",
+    "LowRankConv2d",
+    "LowRankLayer",
+    "LowRankLinear",
+    "apply_structure",
+    "describe_structure",
+    "energy_kept",
+    "rank_for_energy",
+    "rank_for_ratio",
+    "structure",
+    "svd_2d",
+]
