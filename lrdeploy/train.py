@@ -1,0 +1,336 @@
+"""The training loop: SGD with momentum over in-memory tensors, reproducible from a seed, with method hooks.
+
+Compression methods (Cuttlefish, Maestro, Sparse-IFT …) plug in as *hook objects* rather than subclasses of
+the trainer, so one loop serves them all. A hook may define any of these methods; missing ones are skipped:
+
+- ``on_train_start(model, optimizer)``
+- ``on_epoch_start(epoch)``                      (``epoch`` counts from 0, here and in ``history``)
+- ``param_groups(model, config) -> list[dict] | None`` — optimiser parameter groups (e.g. no weight decay on
+  factors regularised another way); asked whenever the optimiser is (re)built, first non-None answer wins
+- ``training_loss(model, xb, yb) -> (loss, logits) | None`` — replaces the plain cross-entropy step (e.g.
+  Maestro's full pass + sampled pass + group lasso); first non-None answer wins
+- ``after_backward(model)``                      (e.g. mask or regularise gradients)
+- ``after_step(model)``                          (e.g. re-apply masks to weights)
+- ``on_epoch_end(epoch, model, metrics) -> nn.Module | None`` — a returned module replaces the model (e.g.
+  Cuttlefish switching from full rank to factorised layers); the optimiser is then rebuilt, so momentum
+  restarts, and ``on_model_replaced(model, optimizer)`` is called on hooks that define it.
+- ``before_evaluate(model, train_x)``             (e.g. recalibrate BatchNorm statistics after ranks changed)
+
+The learning rate is a pure function of the global step (see :func:`lr_at`), so it survives such a rebuild.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from lrdeploy.errors import UserError
+
+SCHEDULES = ("cosine", "step")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    seed: int = 0
+    limit_train: int | None = None
+    num_threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("lr", self.lr > 0, "positive"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "zero or positive"),
+            ("limit_train", self.limit_train is None or self.limit_train >= 1, "at least 1"),
+            ("num_threads", self.num_threads is None or self.num_threads >= 1, "at least 1"),
+        )
+        for name, ok, want in checks:
+            if not ok:
+                raise UserError(f"training setting {name} must be {want}, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(
+                f"unknown learning-rate schedule '{self.schedule}'", hint=f"use {' or '.join(SCHEDULES)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    test_accuracy: float | None
+    train_loss: float
+    epochs: int
+    seconds: float
+    samples_per_s: float
+    history: list[dict[str, Any]]
+    model: nn.Module | None = field(default=None, repr=False)  # the final model (a hook may have replaced it)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "model"}
+
+
+def lr_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate before optimiser step ``step`` of ``total_steps``.
+
+    ``cosine`` anneals per step from ``lr`` towards 0; ``step`` multiplies by 0.1 at 50 % and again at 75 % of
+    training — per step rather than per epoch so that both behave sensibly for one- or two-epoch runs.
+    """
+    frac = step / max(total_steps, 1)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return config.lr * 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
+
+
+def _make_optimizer(
+    model: nn.Module, config: TrainConfig, hooks: Sequence[object] = ()
+) -> torch.optim.Optimizer:
+    groups = _first(hooks, "param_groups", model, config)
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def _first(hooks: Sequence[object], method: str, *args: Any) -> Any:
+    """The first non-None answer of ``method`` among the hooks that define it."""
+    for hook in hooks:
+        fn = getattr(hook, method, None)
+        if fn is not None:
+            answer = fn(*args)
+            if answer is not None:
+                return answer
+    return None
+
+
+def _call(hooks: Sequence[object], method: str, *args: Any) -> None:
+    for hook in hooks:
+        fn = getattr(hook, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _reproducible(seed: int, num_threads: int | None) -> Iterator[None]:
+    """Seed, deterministic kernels and a thread count for the duration of one call, then restore the caller's
+    global state (RNG included), so training neither depends on nor disturbs what ran before."""
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            torch.set_num_threads(threads)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def _inputs(dataset: Any) -> torch.Tensor:
+    return dataset.x if hasattr(dataset, "x") else dataset
+
+
+@torch.no_grad()
+def _logit_batches(model: nn.Module, x: torch.Tensor, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            yield start, model(x[start : start + batch_size].to(device))
+    finally:
+        model.train(was_training)
+
+
+def predict_logits(model: nn.Module, dataset: Any, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N × classes, on CPU) for a dataset with ``.x`` or a plain input tensor, in eval mode."""
+    return torch.cat([out.float().cpu() for _, out in _logit_batches(model, _inputs(dataset), batch_size)])
+
+
+def evaluate(model: nn.Module, dataset: Any, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in [0, 1] on ``dataset`` (``.x``/``.y``), in eval mode; the model's mode is restored."""
+    y = dataset.y
+    if len(y) == 0:
+        raise UserError("cannot evaluate on an empty dataset")
+    correct = 0
+    for start, out in _logit_batches(model, dataset.x, batch_size):
+        correct += int((out.argmax(1).cpu() == y[start : start + out.shape[0]]).sum())
+    return correct / len(y)
+
+
+@dataclass
+class _Loop:
+    """Mutable state of one ``train`` call, so the epoch body can live in its own function."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    total_steps: int
+    hooks: Sequence[object]
+    progress: Progress
+    task: Any
+    step: int = 0
+
+
+def _train_epoch(loop: _Loop, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, epoch: int) -> dict:
+    model, optimizer, config = loop.model, loop.optimizer, loop.config
+    device = _device(model)
+    model.train()
+    bs, n = config.batch_size, len(order)
+    steps = math.ceil(n / bs)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, lr = 0, config.lr
+    start = time.perf_counter()
+    for i in range(steps):
+        idx = order[i * bs : (i + 1) * bs]
+        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        lr = lr_at(config, loop.step, loop.total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        custom = _first(loop.hooks, "training_loss", model, xb, yb)
+        if custom is None:
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+        else:
+            loss, logits = custom
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _call(loop.hooks, "after_backward", model)
+        optimizer.step()
+        _call(loop.hooks, "after_step", model)
+        loop.step += 1
+        seen += len(idx)
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        if config.progress and (i % 10 == 9 or i == steps - 1):  # not every step: .item() syncs a GPU
+            rate = seen / max(time.perf_counter() - start, 1e-9)
+            stats = f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.1%}  {rate:,.0f} img/s"
+            desc = f"epoch {epoch + 1}/{config.epochs}"
+            loop.progress.update(loop.task, completed=loop.step, stats=stats, description=desc)
+    seconds = time.perf_counter() - start
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum.item() / seen,
+        "train_accuracy": correct.item() / seen,
+        "test_accuracy": None,
+        "lr": lr,
+        "seconds": seconds,
+        "samples_per_s": seen / max(seconds, 1e-9),
+    }
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    test = f"  test acc {m['test_accuracy']:.2%}" if m["test_accuracy"] is not None else ""
+    return (
+        f"epoch {m['epoch'] + 1}/{epochs}  loss {m['train_loss']:.4f}  train acc {m['train_accuracy']:.2%}"
+        f"{test}  {m['samples_per_s']:,.0f} img/s  {m['seconds']:.1f}s"
+    )
+
+
+def _end_epoch(loop: _Loop, epoch: int, metrics: dict) -> None:
+    """Run ``on_epoch_end`` hooks in order; each sees the model the previous one returned."""
+    replaced = False
+    for hook in loop.hooks:
+        fn = getattr(hook, "on_epoch_end", None)
+        new = fn(epoch, loop.model, metrics) if fn is not None else None
+        if new is not None and new is not loop.model:
+            loop.model, replaced = new, True
+    if replaced:
+        loop.optimizer = _make_optimizer(loop.model, loop.config, loop.hooks)
+        _call(loop.hooks, "on_model_replaced", loop.model, loop.optimizer)
+
+
+def train(
+    model: nn.Module,
+    train_set: Any,
+    test_set: Any | None = None,
+    config: TrainConfig | None = None,
+    hooks: Sequence[object] = (),
+) -> TrainResult:
+    """Train ``model`` in place on ``train_set`` (``.x``/``.y`` tensors), evaluating ``test_set`` each epoch.
+
+    Returns a :class:`TrainResult`; use ``result.model`` afterwards, since a hook may have replaced the model.
+    Two calls with the same seed, initial weights, data and thread count give bit-identical weights.
+    """
+    config = config or TrainConfig()
+    limit = config.limit_train
+    x, y = (train_set.x, train_set.y) if limit is None else (train_set.x[:limit], train_set.y[:limit])
+    n = int(y.shape[0])
+    if n == 0:
+        raise UserError("the training set is empty")
+    total_steps = math.ceil(n / config.batch_size) * config.epochs
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    evaluated: nn.Module | None = None
+    test_accuracy: float | None = None
+
+    with _reproducible(config.seed, config.num_threads), _progress(config.progress) as progress:
+        generator = torch.Generator().manual_seed(config.seed)
+        optimizer = _make_optimizer(model, config, hooks)
+        _call(hooks, "on_train_start", model, optimizer)
+        task = progress.add_task("train", total=total_steps, stats="")
+        loop = _Loop(model, optimizer, config, total_steps, hooks, progress, task)
+        for epoch in range(config.epochs):
+            _call(hooks, "on_epoch_start", epoch)
+            metrics = _train_epoch(loop, x, y, torch.randperm(n, generator=generator), epoch)
+            if test_set is not None:
+                _call(hooks, "before_evaluate", loop.model, x)
+                test_accuracy, evaluated = evaluate(loop.model, test_set), loop.model
+                metrics["test_accuracy"] = test_accuracy
+            history.append(metrics)
+            if config.progress:
+                progress.console.print(_epoch_line(metrics, config.epochs))
+            _end_epoch(loop, epoch, metrics)
+        if test_set is not None and evaluated is not loop.model:  # the last epoch's hook swapped the model
+            _call(hooks, "before_evaluate", loop.model, x)
+            test_accuracy = evaluate(loop.model, test_set)
+
+    train_seconds = sum(m["seconds"] for m in history)
+    return TrainResult(
+        test_accuracy=test_accuracy,
+        train_loss=history[-1]["train_loss"],
+        epochs=config.epochs,
+        seconds=time.perf_counter() - started,
+        samples_per_s=n * config.epochs / max(train_seconds, 1e-9),
+        history=history,
+        model=loop.model,
+    )
