@@ -8,12 +8,14 @@ instead of silently loading weights into the wrong layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from lrdeploy.errors import UserError
-from lrdeploy.layers.lowrank import LowRankConv2d, LowRankLayer, LowRankLinear
+from lrdeploy.layers.lowrank import LowRankConv2d, LowRankLinear
 
 _HINT = "the manifest does not match the model: re-export the bundle with this lrdeploy version"
 
@@ -27,34 +29,75 @@ def _conv_geometry(conv: nn.Conv2d | LowRankConv2d) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """How one factorised layer type is recorded in a manifest and rebuilt from it.
+
+    ``describe(module) -> entry`` (JSON-friendly; must contain "kind" and "rank") and
+    ``build(dense, entry, name) -> module`` (an uninitialised module of the recorded shape, replacing the
+    fresh dense layer ``dense``; raise UserError when they disagree). Methods register their own layer
+    types with :func:`register_kind`, so bundles of any method load through the same code.
+    """
+
+    kind: str
+    cls: type[nn.Module]
+    describe: Callable[[Any], dict[str, Any]]
+    build: Callable[[nn.Module, dict[str, Any], str], nn.Module]
+
+
+_KINDS: dict[str, LayerKind] = {}
+
+
+def register_kind(kind: LayerKind) -> None:
+    _KINDS[kind.kind] = kind
+
+
+def known_kinds() -> list[str]:
+    return list(_KINDS)
+
+
+def _kind_of(module: nn.Module) -> LayerKind | None:
+    for kind in _KINDS.values():
+        if type(module) is kind.cls:
+            return kind
+    return None
+
+
 def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per low-rank layer (by qualified name): kind, rank, full rank, in/out sizes, bias (+ conv geometry).
+    """Per factorised layer (by qualified name): kind, rank, full rank, in/out sizes, bias (+ geometry).
 
     JSON-serialisable; this is what the bundle manifest stores under "structure".
     """
     out: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            out[name] = {
-                "kind": module.kind,
-                "rank": module.rank,
-                "full_rank": module.full_rank,
-                "in": module.in_features,
-                "out": module.out_features,
-                "bias": module.second.bias is not None,
-            }
-        elif isinstance(module, LowRankConv2d):
-            out[name] = {
-                "kind": module.kind,
-                "rank": module.rank,
-                "full_rank": module.full_rank,
-                "in": module.in_channels,
-                "out": module.out_channels,
-                "kernel": list(module.kernel_size),
-                "bias": module.second.bias is not None,
-                **_conv_geometry(module),
-            }
+        kind = _kind_of(module)
+        if kind is not None:
+            out[name] = kind.describe(module)
     return out
+
+
+def _describe_linear(module: LowRankLinear) -> dict[str, Any]:
+    return {
+        "kind": module.kind,
+        "rank": module.rank,
+        "full_rank": module.full_rank,
+        "in": module.in_features,
+        "out": module.out_features,
+        "bias": module.second.bias is not None,
+    }
+
+
+def _describe_conv(module: LowRankConv2d) -> dict[str, Any]:
+    return {
+        "kind": module.kind,
+        "rank": module.rank,
+        "full_rank": module.full_rank,
+        "in": module.in_channels,
+        "out": module.out_channels,
+        "kernel": list(module.kernel_size),
+        "bias": module.second.bias is not None,
+        **_conv_geometry(module),
+    }
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -98,52 +141,76 @@ def apply(model: nn.Module, structure: dict[str, dict[str, Any]]) -> nn.Module:
         if name not in modules or name == "":
             raise UserError(f"layer {name!r} of the manifest does not exist in the model", hint=_HINT)
         dense = modules[name]
-        kind = entry.get("kind")
-        if kind == LowRankLinear.kind:
-            if not isinstance(dense, nn.Linear):
-                raise UserError(
-                    f"layer {name!r} is a {type(dense).__name__}, manifest says {kind}", hint=_HINT
-                )
-            _expect(entry, "in", dense.in_features, name)
-            _expect(entry, "out", dense.out_features, name)
-            _expect(entry, "bias", dense.bias is not None, name)
-            rank = _rank(entry, min(dense.in_features, dense.out_features), name)
-            w = dense.weight
-            new: LowRankLayer = LowRankLinear(
-                dense.in_features, dense.out_features, rank, dense.bias is not None, w.device, w.dtype
-            )
-        elif kind == LowRankConv2d.kind:
-            if not isinstance(dense, nn.Conv2d) or dense.groups != 1:
-                raise UserError(
-                    f"layer {name!r} is a {type(dense).__name__}, manifest says {kind}", hint=_HINT
-                )
-            _expect(entry, "in", dense.in_channels, name)
-            _expect(entry, "out", dense.out_channels, name)
-            _expect(entry, "kernel", list(dense.kernel_size), name)
-            _expect(entry, "bias", dense.bias is not None, name)
-            for key, value in _conv_geometry(dense).items():
-                _expect(entry, key, value, name)
-            kh, kw = dense.kernel_size
-            rank = _rank(entry, min(dense.out_channels, dense.in_channels * kh * kw), name)
-            w = dense.weight
-            new = LowRankConv2d(
-                dense.in_channels,
-                dense.out_channels,
-                dense.kernel_size,
-                rank,
-                stride=dense.stride,
-                padding=dense.padding,
-                dilation=dense.dilation,
-                bias=dense.bias is not None,
-                padding_mode=dense.padding_mode,
-                device=w.device,
-                dtype=w.dtype,
-            )
-        else:
+        kind = _KINDS.get(entry.get("kind"))  # type: ignore[arg-type]
+        if kind is None:
             raise UserError(
-                f"layer {name!r}: unknown layer kind {kind!r}",
-                hint=f"known: {LowRankLinear.kind}, {LowRankConv2d.kind}; upgrade lrdeploy or re-export",
+                f"layer {name!r}: unknown layer kind {entry.get('kind')!r}",
+                hint=f"known: {', '.join(_KINDS)}; upgrade lrdeploy or re-export",
             )
+        new = kind.build(dense, entry, name)
         new.train(dense.training)
         set_submodule(model, name, new)
     return model
+
+
+def _kind_mismatch(dense: nn.Module, entry: dict[str, Any], name: str) -> UserError:
+    kind = entry.get("kind")
+    return UserError(f"layer {name!r} is a {type(dense).__name__}, manifest says {kind}", hint=_HINT)
+
+
+def check_linear(dense: nn.Module, entry: dict[str, Any], name: str) -> int:
+    """Check a manifest entry against the fresh nn.Linear it replaces; returns the recorded rank."""
+    if not isinstance(dense, nn.Linear):
+        raise UserError(
+            f"layer {name!r} is a {type(dense).__name__}, manifest says {entry.get('kind')}", hint=_HINT
+        )
+    _expect(entry, "in", dense.in_features, name)
+    _expect(entry, "out", dense.out_features, name)
+    _expect(entry, "bias", dense.bias is not None, name)
+    return _rank(entry, min(dense.in_features, dense.out_features), name)
+
+
+def check_conv(dense: nn.Module, entry: dict[str, Any], name: str) -> int:
+    """Check a manifest entry against the fresh nn.Conv2d it replaces; returns the recorded rank."""
+    if not isinstance(dense, nn.Conv2d) or dense.groups != 1:
+        raise UserError(
+            f"layer {name!r} is a {type(dense).__name__}, manifest says {entry.get('kind')}", hint=_HINT
+        )
+    _expect(entry, "in", dense.in_channels, name)
+    _expect(entry, "out", dense.out_channels, name)
+    _expect(entry, "kernel", list(dense.kernel_size), name)
+    _expect(entry, "bias", dense.bias is not None, name)
+    for key, value in _conv_geometry(dense).items():
+        _expect(entry, key, value, name)
+    kh, kw = dense.kernel_size
+    return _rank(entry, min(dense.out_channels, dense.in_channels * kh * kw), name)
+
+
+def _build_linear(dense: nn.Module, entry: dict[str, Any], name: str) -> nn.Module:
+    rank = check_linear(dense, entry, name)
+    w = dense.weight
+    return LowRankLinear(
+        dense.in_features, dense.out_features, rank, dense.bias is not None, w.device, w.dtype
+    )
+
+
+def conv_kwargs(dense: nn.Conv2d) -> dict[str, Any]:
+    """Geometry, dtype and device of a dense conv, as keyword arguments for a factorised replacement."""
+    return {
+        "stride": dense.stride,
+        "padding": dense.padding,
+        "dilation": dense.dilation,
+        "bias": dense.bias is not None,
+        "padding_mode": dense.padding_mode,
+        "device": dense.weight.device,
+        "dtype": dense.weight.dtype,
+    }
+
+
+def _build_conv(dense: nn.Module, entry: dict[str, Any], name: str) -> nn.Module:
+    rank = check_conv(dense, entry, name)
+    return LowRankConv2d(dense.in_channels, dense.out_channels, dense.kernel_size, rank, **conv_kwargs(dense))
+
+
+register_kind(LayerKind(LowRankLinear.kind, LowRankLinear, _describe_linear, _build_linear))
+register_kind(LayerKind(LowRankConv2d.kind, LowRankConv2d, _describe_conv, _build_conv))
