@@ -1,0 +1,238 @@
+"""The bench harness driven by a fake clock: exact statistics, interleaving order, paired speed-ups.
+
+No assertion here depends on the real wall clock. Durations are dyadic fractions of a second so the fake
+clock's sums are exact in floating point.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lrdeploy.errors import UserError
+from lrdeploy.serving.bench import LatencyStats, benchmark, capture_environment, cpu_info
+from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeRuntime:
+    """Each call advances the fake clock by the next duration; every call is logged as (name, batch)."""
+
+    def __init__(self, name: str, clock: FakeClock, durations: Sequence[float] | Callable[[int], float],
+                 log: list[tuple[str, int]]) -> None:
+        self.name, self.clock, self.durations, self.log = name, clock, durations, log
+        self.calls = 0
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        d = self.durations(self.calls) if callable(self.durations) else self.durations[self.calls]
+        self.calls += 1
+        self.clock.t += d
+        self.log.append((self.name, len(x)))
+        return x
+
+    def describe(self) -> dict:
+        return {"backend": "fake", "device": "cpu", "providers": ["fake"], "threads": 1, "version": "0"}
+
+
+def _const(seconds: float) -> Callable[[int], float]:
+    return lambda i: seconds
+
+
+QUICK = {"warmup_s": 0.0, "min_seconds": 0.0, "max_seconds": 1e9, "progress": False, "block_warmup_runs": 0}
+
+
+def test_latency_stats_known_distribution():
+    durations = [i / 1000 for i in np.random.default_rng(0).permutation(np.arange(1, 101))]  # 1..100 ms
+    s = LatencyStats.from_durations(durations, batch_size=4)
+    assert s.runs == 100
+    assert s.median_ms == pytest.approx(50.5, abs=1e-9)
+    assert s.p90_ms == pytest.approx(90.1, abs=1e-9)  # linear interpolation at rank 0.9·99 = 89.1
+    assert s.p99_ms == pytest.approx(99.01, abs=1e-9)
+    assert s.mean_ms == pytest.approx(50.5, abs=1e-9)
+    assert (s.min_ms, s.max_ms) == pytest.approx((1.0, 100.0))
+    assert s.total_s == pytest.approx(5.05)
+    assert s.throughput == pytest.approx(4 * 100 / 5.05)
+    with pytest.raises(ValueError):
+        LatencyStats.from_durations([], 1)
+
+
+def test_bench_stats_from_fake_clock_are_exact():
+    clock, log = FakeClock(), []
+    # one warm-up call (warmup_s=0 still calls once), then 1..64 units of 1/1024 s in shuffled order
+    timed = [int(k) / 1024 for k in np.random.default_rng(3).permutation(np.arange(1, 65))]
+    rt = FakeRuntime("a", clock, [5.0, *timed], log)
+    res = benchmark({"a": rt}, (3,), batch_sizes=(8,), min_runs=64, rounds=1, clock=clock, **QUICK)
+    s = res.stats("a", 8)
+    units_ms = 1000 / 1024
+    assert rt.calls == 65 and s.runs == 64  # the 5 s warm-up call is not counted
+    assert s.median_ms == pytest.approx(32.5 * units_ms, rel=1e-12)
+    assert s.p90_ms == pytest.approx((57 + 0.7) * units_ms, rel=1e-12)  # rank 0.9·63 = 56.7 → 57.7 units
+    assert s.min_ms == pytest.approx(units_ms) and s.max_ms == pytest.approx(64 * units_ms)
+    assert s.throughput == pytest.approx(8 * 64 / (64 * 65 / 2 / 1024))
+    assert res.speedup("a", 8) == 1.0
+    assert all(b == 8 for _, b in log)
+
+
+def test_interleaving_order_reverses_on_alternate_rounds():
+    clock, log = FakeClock(), []
+    names = ["A", "B", "C"]
+    rts = {n: FakeRuntime(n, clock, _const(1 / 64), log) for n in names}
+    res = benchmark(rts, (2, 2), batch_sizes=(1, 4), min_runs=2, rounds=4, clock=clock, **QUICK)
+    forward, backward = ["A", "B", "C"], ["C", "B", "A"]
+    expected = [(b, r, n) for b in (1, 4) for r in range(4) for n in (forward if r % 2 == 0 else backward)]
+    assert res.order == expected
+    assert [blk.position for blk in res.blocks[:6]] == [0, 1, 2, 0, 1, 2]
+    # the call log: per batch size, one warm-up call each, then blocks of two calls in the same order
+    calls_b1 = [n for n, b in log if b == 1]
+    assert calls_b1 == ["A", "B", "C"] + [n for r in range(4) for n in (forward if r % 2 == 0 else backward)
+                                           for _ in range(2)]
+    assert res.settings["rounds"] == 4 and res.reference == "A"
+
+
+def test_speedup_exactly_two_when_candidate_is_twice_as_fast():
+    clock, log = FakeClock(), []
+    ref = FakeRuntime("dense", clock, _const(2 / 256), log)
+    cand = FakeRuntime("lowrank", clock, _const(1 / 256), log)
+    res = benchmark({"dense": ref, "lowrank": cand}, (1, 28, 28), batch_sizes=(1, 32), min_runs=5, rounds=2,
+                    clock=clock, **QUICK)
+    for batch in (1, 32):
+        assert res.speedup("lowrank", batch) == pytest.approx(2.0, rel=1e-12)
+        assert res.batches[batch].round_ratios["lowrank"] == pytest.approx([2.0, 2.0], rel=1e-12)
+        assert res.speedup("dense", batch) == 1.0
+        assert res.stats("lowrank", batch).median_ms == pytest.approx(1000 / 256)
+    assert res.stats("lowrank", 32).throughput == pytest.approx(2 * res.stats("dense", 32).throughput)
+
+
+def test_speedup_is_median_of_per_round_pairs():
+    """A machine that slows down over time: pooled medians would mix drift in, per-round pairs do not."""
+    clock, log = FakeClock(), []
+
+    def drifting(base: float) -> Callable[[int], float]:
+        return lambda i: base * (1 + int(clock.t))  # every elapsed whole second makes calls slower
+
+    ref = FakeRuntime("ref", clock, drifting(1 / 64), log)
+    cand = FakeRuntime("cand", clock, drifting(1 / 256), log)  # 4x faster at any moment
+    res = benchmark({"ref": ref, "cand": cand}, (1,), batch_sizes=(1,), min_runs=8, rounds=3, clock=clock,
+                    **QUICK)
+    ratios = res.batches[1].round_ratios["cand"]
+    assert len(ratios) == 3
+    assert res.speedup("cand", 1) == pytest.approx(sorted(ratios)[1])
+
+
+def test_one_disturbed_round_is_outvoted():
+    """The default 3 rounds: a neighbour's burst during one reference block does not move the speed-up."""
+    clock, log = FakeClock(), []
+    # reference calls: 0 = warm-up, 1-5 round 0, 6-10 round 1 (disturbed: 50x slower), 11-15 round 2
+    ref = FakeRuntime("ref", clock, lambda i: 100 / 256 if 6 <= i <= 10 else 2 / 256, log)
+    cand = FakeRuntime("cand", clock, _const(1 / 256), log)
+    res = benchmark({"ref": ref, "cand": cand}, (1,), batch_sizes=(1,), min_runs=5, clock=clock, **QUICK)
+    assert res.settings["rounds"] == 3
+    batch = res.batches[1]
+    assert batch.round_ratios["cand"] == pytest.approx([2.0, 100.0, 2.0])
+    assert batch.speedup["cand"] == pytest.approx(2.0)
+    assert batch.ratio_spread["cand"] == pytest.approx(50.0)
+    assert res.to_dict()["batches"]["1"]["ratio_spread"]["ref"] == 1.0
+
+
+def test_blocks_need_min_runs_and_min_seconds():
+    clock, log = FakeClock(), []
+    rt = FakeRuntime("a", clock, _const(0.125), log)
+    res = benchmark({"a": rt}, (1,), batch_sizes=(1,), warmup_s=1.0, min_runs=3, min_seconds=1.0,
+                    max_seconds=10.0, rounds=1, progress=False, clock=clock, block_warmup_runs=2)
+    assert res.blocks[0].stats.runs == 8  # 1.0 s / 0.125 s beats min_runs=3
+    assert rt.calls == 8 + 2 + 8  # 1.0 s of warm-up, 2 untimed block warm-up calls, 8 timed
+
+
+def test_max_seconds_caps_a_slow_block():
+    clock, log = FakeClock(), []
+    rt = FakeRuntime("slow", clock, _const(0.125), log)
+    res = benchmark({"slow": rt}, (1,), batch_sizes=(1,), warmup_s=0.0, min_runs=100, min_seconds=0.25,
+                    max_seconds=0.5, rounds=1, progress=False, clock=clock, block_warmup_runs=0)
+    assert res.blocks[0].stats.runs == 4
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"batch_sizes": ()}, {"batch_sizes": (0,)}, {"batch_sizes": (1.5,)}, {"min_runs": 0}, {"rounds": 0},
+    {"min_seconds": 2.0, "max_seconds": 1.0}, {"warmup_s": -1.0},
+])
+def test_bad_settings_are_user_errors(kwargs):
+    clock = FakeClock()
+    rt = FakeRuntime("a", clock, _const(0.01), [])
+    with pytest.raises(UserError):
+        benchmark({"a": rt}, (1,), **{"progress": False, "clock": clock, **kwargs})
+    with pytest.raises(UserError):
+        benchmark({}, (1,), progress=False, clock=clock)
+
+
+def test_result_to_dict_is_json_and_records_environment():
+    clock, log = FakeClock(), []
+    rts = {n: FakeRuntime(n, clock, _const(1 / 128), log) for n in ("x", "y")}
+    res = benchmark(rts, (4,), batch_sizes=(2,), min_runs=3, rounds=2, clock=clock, **QUICK)
+    d = json.loads(json.dumps(res.to_dict()))
+    assert set(d["batches"]) == {"2"}
+    assert d["batches"]["2"]["speedup"] == {"x": 1.0, "y": 1.0}
+    assert len(d["blocks"]) == 4 and "durations_ms" not in d["blocks"][0]
+    assert len(res.to_dict(samples=True)["blocks"][0]["durations_ms"]) == 3
+    env = d["environment"]
+    for key in ("cpu_model", "logical_cpus", "available_cpus", "versions", "python", "loadavg"):
+        assert key in env
+    assert env["threads"] == {"x": 1, "y": 1}
+    assert env["runtimes"]["x"]["backend"] == "fake"
+    assert "numpy" in env["versions"]
+
+
+def test_cpu_info_parses_proc_cpuinfo(tmp_path):
+    text = "".join(
+        f"processor\t: {i}\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Test CPU @ 2.00GHz\n"
+        f"physical id\t: 0\ncore id\t\t: {i // 2}\n"
+        "flags\t\t: fpu sse avx2 fma avx512f avx512_vnni amx_tile\n\n"
+        for i in range(4)
+    )
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    info = cpu_info(path)
+    assert info["model"] == "Intel(R) Xeon(R) Test CPU @ 2.00GHz"
+    assert info["physical_cores"] == 2  # 4 logical CPUs, 2 cores (hyper-threading)
+    assert info["flags"] == ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"]
+    assert cpu_info(tmp_path / "missing")["model"]  # falls back to platform info, never empty
+
+
+def test_capture_environment_without_runtimes():
+    env = capture_environment()
+    assert "runtimes" not in env and env["available_cpus"] >= 1
+
+
+def test_real_ort_smoke(tmp_path):
+    """The harness around real ORT sessions (structure only: no assertion on measured time)."""
+    w = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    paths = []
+    for name, k in (("dense", 1), ("other", 2)):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], ["y"])], name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+            initializer=[numpy_helper.from_array(k * w.T.copy(), "W")],
+        )
+        paths.append(tmp_path / f"{name}.onnx")
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), paths[-1])
+    rts = {"dense": OrtCpuRuntime(paths[0], threads=1), "other": OrtCpuRuntime(paths[1], threads=1)}
+    res = benchmark(rts, (5,), batch_sizes=(1, 16), warmup_s=0.01, min_runs=5, min_seconds=0.01,
+                    max_seconds=1.0, rounds=2, progress=True)
+    assert res.order[0] == (1, 0, "dense") and res.order[2] == (1, 1, "other")
+    for batch in (1, 16):
+        assert res.stats("other", batch).runs >= 10  # two blocks of >= 5
+        assert 0 < res.speedup("other", batch) < float("inf")
+    assert res.environment["runtimes"]["dense"]["providers"] == ["CPUExecutionProvider"]
+    assert res.environment["threads"] == {"dense": 1, "other": 1}
