@@ -1,0 +1,401 @@
+"""Export a bundle or nn.Module to ONNX: fold, export, check, verify against PyTorch, stamp, write atomically.
+
+Two files come out:
+
+- ``<stem>.onnx`` — standard ONNX ops only, dynamic batch, portable to any runtime (TensorRT, OpenVINO, ...).
+- ``<stem>.ort.onnx`` — ONNX Runtime's offline-optimised graph at ``ORT_ENABLE_EXTENDED`` (fused Conv+ReLU,
+  Gemm+ReLU, GELU, ...; ``com.microsoft`` contrib ops, so ORT-only). EXTENDED, not ALL: ALL adds the NCHWc
+  layout transformer, whose blocked layouts depend on the CPU's vector width; ORT itself warns that such a
+  saved model "should only be used in the same environment the model was optimized in". EXTENDED fusions
+  are CPU-independent, so the file can be built once and shipped; ORT still applies its layout pass at load.
+
+Both graphs are run in ONNX Runtime against the PyTorch model before anything is written (rel-L2 < 1e-5 in
+fp32); a mismatch fails the export. Nothing is written until everything passed, and each file is written to
+a temporary sibling and renamed, so a failure never leaves half a file.
+
+Exporter choice (``exporter="auto"``) is measured in ``docs/exporter-choice.md``
+(``scripts/compare_exporters.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from lrdeploy import __version__, atomic
+from lrdeploy.errors import UserError
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+    from lrdeploy.bundle import Bundle
+
+EXPORTERS = ("dynamo", "legacy")
+DEFAULT_EXPORTER = "dynamo"  # see docs/exporter-choice.md for the measurement behind this choice
+PARITY_RTOL = 1e-5  # relative L2, fp32
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+META_MANIFEST = "lrdeploy.manifest"
+META_VERSION = "lrdeploy.version"
+META_EXPORT = "lrdeploy.export"
+OPTIMIZED_SUFFIX = ".ort.onnx"
+_MAX_BATCH = 1 << 20
+_INVALID = "{path} is not a valid ONNX model (truncated or corrupt)"
+
+
+@dataclass
+class ExportResult:
+    """What was written and how well it matched PyTorch."""
+
+    path: Path
+    optimized_path: Path | None
+    exporter: str
+    opset: int
+    nodes: int
+    seconds: float  # wall time of the torch exporter alone
+    parity_rel_l2: float  # worst over every checked graph and batch size
+    optimized_nodes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["optimized_path"] = str(self.optimized_path) if self.optimized_path else None
+        return d
+
+
+def optimized_path_for(path: str | os.PathLike) -> Path:
+    """``model.onnx`` → ``model.ort.onnx`` (the ORT-optimised sibling)."""
+    path = Path(path)
+    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+    return path.with_name(stem + OPTIMIZED_SUFFIX)
+
+
+# --- the two torch exporters ---
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence known-harmless exporter noise (legacy DeprecationWarning, torchvision-op and pytree notes)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*torch.onnx.*")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def _export_dynamo(
+    model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
+    # Tuple form of dynamic_shapes: dict keys would have to be forward()'s argument names (baseline §3 (b)).
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=_MAX_BATCH)},) if dynamic_batch else None
+    program = torch.onnx.export(
+        model, (example,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, verbose=False,
+    )
+    return program.model_proto
+
+
+def _export_legacy(
+    model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    torch.onnx.export(
+        model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True,
+    )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def torch_to_onnx(
+    model: nn.Module, example: torch.Tensor, *, exporter: str, opset: int, dynamic_batch: bool = True
+) -> tuple[onnx.ModelProto, float]:
+    """Run one torch exporter on an inference-ready module; return the raw graph and the export seconds."""
+    fn = {"dynamo": _export_dynamo, "legacy": _export_legacy}[exporter]
+    start = time.perf_counter()
+    with _quiet(), torch.no_grad():
+        proto = fn(model, example, opset, dynamic_batch)
+    return proto, time.perf_counter() - start
+
+
+# --- ONNX Runtime helpers ---
+
+
+def ort_session(model: bytes | str | os.PathLike, level: str = "ORT_ENABLE_ALL", *, threads: int = 1,
+                optimized_model_filepath: str | None = None) -> onnxruntime.InferenceSession:
+    """CPU session (used for verification; serving has its own tuned runtime)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: the save-optimised-model notice is expected
+    if optimized_model_filepath:
+        opts.optimized_model_filepath = optimized_model_filepath
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def rel_l2(candidate: np.ndarray, reference: np.ndarray) -> float:
+    """‖c − r‖ / ‖r‖ in float64, safe for an all-zero reference."""
+    c, r = np.asarray(candidate, np.float64), np.asarray(reference, np.float64)
+    if c.shape != r.shape:
+        return float("inf")
+    denom = float(np.linalg.norm(r))
+    num = float(np.linalg.norm(c - r))
+    return num / denom if denom > 0 else num
+
+
+def _parity(session: onnxruntime.InferenceSession, model: nn.Module, inputs: Sequence[torch.Tensor]) -> float:
+    worst = 0.0
+    name = session.get_inputs()[0].name
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    for x in inputs:
+        with torch.inference_mode():
+            ref = model(x.to(device)).detach().float().cpu().numpy()
+        out = session.run(None, {name: x.numpy()})[0]
+        worst = max(worst, rel_l2(out, ref))
+    return worst
+
+
+# --- export ---
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
+def _resolve_source(
+    source: Bundle | nn.Module, input_shape: Sequence[int] | None, metadata: Mapping[str, Any] | None
+) -> tuple[nn.Module, tuple[int, ...], dict[str, Any]]:
+    from lrdeploy.bundle import Bundle
+
+    if isinstance(source, Bundle):
+        model, manifest = source.model, dict(source.manifest)
+        input_shape = input_shape or source.input_shape
+    elif isinstance(source, nn.Module):
+        model, manifest = source, {}
+    else:
+        raise TypeError(f"export_onnx needs a Bundle or nn.Module, not {type(source).__name__}")
+    if input_shape is None:
+        raise UserError("input_shape is needed to export a bare nn.Module",
+                        "pass input_shape=(C, H, W): one sample, without the batch dimension")
+    manifest.update(metadata or {})
+    return model, tuple(int(d) for d in input_shape), manifest
+
+
+def _stamp(proto: onnx.ModelProto, manifest: Mapping[str, Any], export_info: Mapping[str, Any]) -> None:
+    """Drop per-node debug metadata (stack traces with the exporting machine's paths) and add ours."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({
+        META_VERSION: __version__,
+        META_MANIFEST: json.dumps(manifest, sort_keys=True),
+        META_EXPORT: json.dumps(export_info, sort_keys=True),
+    })
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+
+
+def _ort_optimise(data: bytes) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="lrdeploy-ort-") as tmp:
+        out = os.path.join(tmp, "model.ort.onnx")
+        ort_session(data, "ORT_ENABLE_EXTENDED", optimized_model_filepath=out)
+        return Path(out).read_bytes()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary sibling and a rename; created with open() so the user's umask applies."""
+    with atomic.temporary_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_stale_sibling(opt_path: Path) -> None:
+    """A ``.ort.onnx`` we wrote earlier would no longer match the new ``.onnx``; anything else is not ours."""
+    if not opt_path.is_file():
+        return
+    try:
+        props = onnx_metadata_props(opt_path)
+    except UserError:
+        return
+    if META_MANIFEST in props:
+        opt_path.unlink()
+
+
+def export_onnx(
+    source: Bundle | nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_shape: Sequence[int] | None = None,
+    opset: int = 20,
+    dynamic_batch: bool = True,
+    exporter: str = "auto",
+    optimize: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> ExportResult:
+    """Fold, export, check and verify ``source``; write ``path`` (and ``<stem>.ort.onnx`` if ``optimize``).
+
+    ``input_shape`` is one sample without the batch dimension (default: the bundle's). ``metadata`` is merged
+    into the manifest stored under ``lrdeploy.manifest`` (for a bare module it is the whole manifest).
+    ``exporter``: "dynamo", "legacy" (TorchScript, deprecated by PyTorch), or "auto" (the measured default,
+    falling back to the other exporter only if it fails).
+    """
+    from lrdeploy.exporters.fold import fold_model
+
+    if exporter not in ("auto", *EXPORTERS):
+        raise UserError(f"unknown exporter {exporter!r}", f"use auto, {', '.join(EXPORTERS)}")
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory", "pass the path of the .onnx file to write")
+    model, input_shape, manifest = _resolve_source(source, input_shape, metadata)
+    opt_path = optimized_path_for(path) if optimize else None
+
+    was_training = model.training
+    model.eval()
+    try:
+        folded = fold_model(model, mode="factored").cpu().float()  # exported graphs are fp32, CPU-traced
+        gen = torch.Generator().manual_seed(0)
+        # Batch 2 for tracing: a size-1 dimension would be specialised by torch.export.
+        example = torch.randn((2 if dynamic_batch else 1, *input_shape), generator=gen)
+        try:
+            with torch.inference_mode():
+                folded(example)
+        except Exception as exc:
+            raise UserError(f"the model does not accept inputs of shape {tuple(example.shape)} ({exc})",
+                            "pass the right input_shape (one sample, without the batch dimension)") from exc
+
+        order = [exporter] if exporter != "auto" else [DEFAULT_EXPORTER, *(e for e in EXPORTERS
+                                                                           if e != DEFAULT_EXPORTER)]
+        failures = []
+        for name in order:
+            try:
+                proto, seconds = torch_to_onnx(folded, example, exporter=name, opset=opset,
+                                               dynamic_batch=dynamic_batch)
+                break
+            except Exception as exc:  # exporter failures come in many types; report them as one line
+                failures.append(f"{name}: {type(exc).__name__}: {_first_line(exc)}")
+        else:
+            raise UserError(f"torch.onnx export failed ({'; '.join(failures)})",
+                            "try --opset 18 or the other exporter; unsupported ops must be rewritten")
+        used = name
+        export_info: dict[str, Any] = {
+            "exporter": used, "opset": opset, "input_shape": list(input_shape),
+            "dynamic_batch": dynamic_batch, "fold": "factored", "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME, "torch_version": torch.__version__,
+        }
+        if failures:  # "auto" fell back: say why, in the file itself
+            export_info["fallback_from"] = failures
+        _stamp(proto, manifest, export_info)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as exc:
+            raise UserError(f"the exported graph fails the ONNX checker ({exc})",
+                            "try another --opset or exporter") from exc
+        data = proto.SerializeToString()
+
+        # Verify on fresh inputs, at a batch other than the traced one (proves the batch really is dynamic).
+        batches = (1, 3) if dynamic_batch else (1,)
+        inputs = [torch.randn((b, *input_shape), generator=gen) for b in batches]
+        parity = _parity(ort_session(data), model, inputs)
+        opt_data, opt_nodes = None, None
+        if optimize:
+            opt_data = _ort_optimise(data)
+            opt_nodes = len(onnx.load_from_string(opt_data).graph.node)
+            parity = max(parity, _parity(ort_session(opt_data), model, inputs))
+    finally:
+        model.train(was_training)
+    if not parity < PARITY_RTOL:  # also catches NaN
+        raise UserError(
+            f"ONNX Runtime output differs from PyTorch: rel-L2 {parity:.2e} ≥ {PARITY_RTOL:.0e}",
+            "this is a bug in the export path; try exporter='legacy' and please report it",
+        )
+
+    _write_atomic(path, data)
+    if opt_data is not None and opt_path is not None:
+        _write_atomic(opt_path, opt_data)
+    else:
+        _remove_stale_sibling(optimized_path_for(path))
+    return ExportResult(
+        path=path, optimized_path=opt_path, exporter=used, opset=opset, nodes=len(proto.graph.node),
+        seconds=seconds, parity_rel_l2=parity, optimized_nodes=opt_nodes,
+    )
+
+
+# --- reading exported files ---
+
+
+def load_onnx_checked(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check an ONNX file; a missing, truncated or corrupt file is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX file {path} does not exist", "pass the path written by lrdeploy export")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        return onnx.load(str(path))
+    except Exception as exc:  # DecodeError, ValidationError, InferenceError, ...
+        raise UserError(_INVALID.format(path=path), "re-export it") from exc
+
+
+def onnx_metadata_props(path: str | os.PathLike) -> dict[str, str]:
+    """All model-level metadata_props of an ONNX file, as strings (weights are not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX file {path} does not exist", "pass the path written by lrdeploy export")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise UserError(_INVALID.format(path=path), "re-export it") from exc
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The bundle manifest stamped into an ONNX file by ``export_onnx`` ({} for a file we did not write)."""
+    raw = onnx_metadata_props(path).get(META_MANIFEST)
+    if raw is None:
+        return {}
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise UserError(f"{path}: metadata {META_MANIFEST!r} is not valid JSON", "re-export it") from exc
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: metadata {META_MANIFEST!r} is not a JSON object", "re-export it")
+    return manifest
+
+
+def read_export_info(path: str | os.PathLike) -> dict[str, Any]:
+    """How the file was exported (exporter, opset, input_shape, dynamic_batch, ...); {} if not ours."""
+    raw = onnx_metadata_props(path).get(META_EXPORT)
+    try:
+        info = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
