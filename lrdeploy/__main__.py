@@ -1,0 +1,5 @@
+"""`python -m lrdeploy` runs the CLI."""
+
+from lrdeploy.cli import main
+
+main()

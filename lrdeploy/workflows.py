@@ -1,0 +1,214 @@
+"""The engine-side jobs behind the CLI: train a dense bundle, make one from a checkpoint, compress one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from lrdeploy.errors import UserError
+
+
+def _dataset_record(ds: Any, train_examples: int | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"name": ds.name, "preprocess": ds.preprocess}
+    if train_examples is not None:
+        record["train_examples"] = train_examples
+    return record
+
+
+def _check_out_is_not_input(src: Path, out: Path) -> None:
+    if Path(src).resolve() == Path(out).resolve():
+        raise UserError(f"--out {out} is the input bundle itself", "write the result to a new directory")
+
+
+def train_dense(
+    *,
+    model_name: str,
+    dataset: str,
+    data_dir: Path | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    schedule: str,
+    limit_train: int | None,
+    seed: int,
+    out: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a registry model densely and write its bundle; returns the metrics."""
+    from lrdeploy.bundle import save_bundle
+    from lrdeploy.data import load_dataset
+    from lrdeploy.models import create_model, get_spec
+    from lrdeploy.train import TrainConfig, train
+
+    if schedule not in ("cosine", "step"):
+        raise UserError(f"--schedule {schedule!r} is not known", "use cosine or step")
+    spec = get_spec(model_name)
+    train_set = load_dataset(dataset, "train", data_dir=data_dir, limit=limit_train)
+    test_set = load_dataset(dataset, "test", data_dir=data_dir)
+    _check_input_shape(spec.input_shape, train_set, model_name, dataset)
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        schedule=schedule,
+        seed=seed,
+        limit_train=limit_train,
+        progress=progress,
+    )
+    torch.manual_seed(seed)  # the initial weights are part of the run: seed them too
+    model = create_model(model_name, num_classes=len(train_set.classes))
+    result = train(model, train_set, test_set, config)
+    model = result.model
+    metrics = {
+        "test_accuracy": result.test_accuracy,
+        "train_loss": result.train_loss,
+        "train_seconds": result.seconds,
+        "train_samples_per_s": result.samples_per_s,
+    }
+    save_bundle(
+        out,
+        model,
+        model_name=model_name,
+        model_args={"num_classes": len(train_set.classes)},
+        method={"name": "dense", "train": config.to_dict()},
+        dataset=_dataset_record(train_set, len(train_set)),
+        metrics=metrics,
+    )
+    return metrics
+
+
+def _check_input_shape(model_shape: tuple[int, ...], ds: Any, model_name: str, dataset: str) -> None:
+    data_shape = tuple(ds.x.shape[1:])
+    if tuple(model_shape) != data_shape:
+        raise UserError(
+            f"model {model_name} takes inputs of shape {tuple(model_shape)} but {dataset} has {data_shape}",
+            "pick a model and dataset that match (see `lrdeploy models`)",
+        )
+
+
+def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | None, out: Path) -> None:
+    """Write a bundle from a registry model at its initial weights or from a user's dense state dict."""
+    from lrdeploy.bundle import load_state_dict_checkpoint, save_bundle
+    from lrdeploy.models import create_model, get_spec
+
+    spec = get_spec(model_name)
+    args = {"num_classes": num_classes or spec.num_classes}
+    model = create_model(model_name, **args)
+    source = "init"
+    if checkpoint is not None:
+        load_state_dict_checkpoint(checkpoint, model)
+        source = str(checkpoint)
+    save_bundle(
+        out,
+        model,
+        model_name=model_name,
+        model_args=args,
+        method={"name": "dense", "source": source},
+        dataset={},
+        metrics={},
+    )
+
+
+def compress_bundle(
+    bundle_path: Path,
+    *,
+    rank_ratio: float | None,
+    energy: float | None,
+    finetune_epochs: int,
+    dataset: str | None,
+    data_dir: Path | None,
+    limit_train: int | None,
+    lr: float,
+    seed: int,
+    out: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Post-training path: SVD-compress a bundle, evaluate, optionally fine-tune, write a low-rank bundle."""
+    from lrdeploy.bundle import load_bundle, save_bundle
+    from lrdeploy.compress import compress
+    from lrdeploy.data import load_dataset
+    from lrdeploy.flops import count_params
+    from lrdeploy.train import TrainConfig, evaluate, train
+
+    if (rank_ratio is None) == (energy is None):
+        raise UserError(
+            "give exactly one of --rank-ratio or --energy", "e.g. --rank-ratio 0.25 or --energy 0.9"
+        )
+    _check_out_is_not_input(bundle_path, out)
+    src = load_bundle(bundle_path)
+    model = src.model
+    dense_params = count_params(model)
+    report = compress(model, rank_ratio=rank_ratio, energy=energy)
+
+    ds_name = dataset or src.manifest.get("dataset", {}).get("name")
+    metrics: dict[str, Any] = {}
+    train_record: dict[str, Any] | None = None
+    if ds_name:
+        test_set = load_dataset(ds_name, "test", data_dir=data_dir)
+        metrics["test_accuracy_before_finetune"] = evaluate(model, test_set)
+        metrics["test_accuracy"] = metrics["test_accuracy_before_finetune"]
+        if finetune_epochs > 0:
+            train_set = load_dataset(ds_name, "train", data_dir=data_dir, limit=limit_train)
+            config = TrainConfig(
+                epochs=finetune_epochs,
+                lr=lr,
+                seed=seed,
+                limit_train=limit_train,
+                progress=progress,
+            )
+            result = train(model, train_set, test_set, config)
+            model = result.model
+            metrics["test_accuracy"] = result.test_accuracy
+            metrics["finetune_seconds"] = result.seconds
+            train_record = config.to_dict()
+    elif finetune_epochs > 0:
+        raise UserError(
+            f"bundle {bundle_path} records no dataset, so there is nothing to fine-tune on",
+            "pass --data mnist (or fashion-mnist)",
+        )
+
+    method = {
+        "name": "svd",
+        "rank_ratio": rank_ratio,
+        "energy": energy,
+        "finetune_epochs": finetune_epochs,
+        "source_bundle": str(bundle_path),
+        "source_weights_sha256": src.manifest.get("weights_sha256"),
+    }
+    if train_record:
+        method["finetune"] = train_record
+    ds_record = src.manifest.get("dataset", {}) if not dataset else {"name": dataset}
+    save_bundle(
+        out,
+        model,
+        model_name=src.manifest["model"]["name"],
+        model_args=src.manifest["model"]["args"],
+        method=method,
+        dataset=ds_record,
+        metrics=metrics,
+    )
+    return {
+        "metrics": metrics,
+        "report": report,
+        "table": _compression_table(report, dense_params, count_params(model)),
+    }
+
+
+def _compression_table(report: Any, dense_params: int, params: int) -> Table:
+    table = Table(
+        title=f"SVD compression: {dense_params:,} → {params:,} parameters ({dense_params / params:.2f}×)"
+    )
+    for col in ("layer", "kind", "rank / full", "params before → after", "note"):
+        table.add_column(col)
+    for layer in report.layers:
+        table.add_row(
+            layer.name,
+            layer.kind,
+            f"{layer.rank}/{layer.full_rank}" if layer.rank else f"—/{layer.full_rank}",
+            f"{layer.params_before:,} → {layer.params_after:,}",
+            layer.skipped or "",
+        )
+    return table
