@@ -94,15 +94,18 @@ def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
     load_onnx_checked(path)
     manifest = read_onnx_metadata(path) or None
     flops = (manifest or {}).get("flops")
+    # the manifest counts the model's parameters; ONNX initialisers also hold shape constants
+    params = (manifest or {}).get("params") or _onnx_params(path)
     return Artifact(
         label=label,
         source=path,
         kind="onnx",
         onnx_path=path,
         manifest=manifest,
-        params=_onnx_params(path),
+        params=params,
         flops=flops,
         onnx_bytes=path.stat().st_size,
+        weights_bytes=(manifest or {}).get("weights_bytes"),
     )
 
 
@@ -117,25 +120,35 @@ def _dataset_name(explicit: str | None, *artifacts: Artifact) -> str:
 
 
 def evaluate_budget(
-    accuracy: dict[str, float],
-    parity: dict[str, float],
+    accuracy: dict[str, Any],
+    parity: dict[str, Any],
     max_accuracy_drop: float,
     min_agreement: float | None,
 ) -> dict[str, Any]:
     """Check the candidate against the user's budgets; a miss is listed by name, with the numbers."""
-    failures: list[str] = []
     drop_points = 100.0 * (accuracy["reference"] - accuracy["candidate"])
-    if drop_points > max_accuracy_drop:
-        failures.append(f"accuracy drop {drop_points:.2f} points > --max-accuracy-drop {max_accuracy_drop:g}")
-    if min_agreement is not None and parity["top1_agreement"] < min_agreement:
-        failures.append(f"top-1 agreement {parity['top1_agreement']:.4f} < --min-agreement {min_agreement:g}")
-    return {
-        "max_accuracy_drop_points": max_accuracy_drop,
-        "min_agreement": min_agreement,
-        "accuracy_drop_points": drop_points,
-        "failures": failures,
-        "passed": not failures,
-    }
+    checks = [
+        {
+            "name": "accuracy drop (points)",
+            "limit": max_accuracy_drop,
+            "value": drop_points,
+            "passed": drop_points <= max_accuracy_drop,
+        }
+    ]
+    if min_agreement is not None:
+        agreement = parity["top1_agreement"]
+        checks.append(
+            {
+                "name": "top-1 agreement",
+                "limit": min_agreement,
+                "value": agreement,
+                "passed": agreement is not None and agreement >= min_agreement,
+            }
+        )
+    failures = [
+        f"{c['name']} {c['value']:.4g} misses the limit {c['limit']:g}" for c in checks if not c["passed"]
+    ]
+    return {"checks": checks, "failures": failures, "passed": not failures}
 
 
 def compare_artifacts(

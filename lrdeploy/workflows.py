@@ -48,7 +48,6 @@ def train_dense(
     spec = get_spec(model_name)
     train_set = load_dataset(dataset, "train", data_dir=data_dir, limit=limit_train)
     test_set = load_dataset(dataset, "test", data_dir=data_dir)
-    _check_input_shape(spec.input_shape, train_set, model_name, dataset)
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -58,8 +57,10 @@ def train_dense(
         limit_train=limit_train,
         progress=progress,
     )
+    model_args = model_args_for(spec, train_set)
     torch.manual_seed(seed)  # the initial weights are part of the run: seed them too
-    model = create_model(model_name, num_classes=len(train_set.classes))
+    model = create_model(model_name, **model_args)
+    check_model_accepts(model, train_set, model_name, dataset)
     result = train(model, train_set, test_set, config)
     model = result.model
     metrics = {
@@ -72,7 +73,8 @@ def train_dense(
         out,
         model,
         model_name=model_name,
-        model_args={"num_classes": len(train_set.classes)},
+        model_args=model_args,
+        input_shape=tuple(train_set.x.shape[1:]),
         method={"name": "dense", "train": config.to_dict()},
         dataset=_dataset_record(train_set, len(train_set)),
         metrics=metrics,
@@ -80,13 +82,29 @@ def train_dense(
     return metrics
 
 
-def _check_input_shape(model_shape: tuple[int, ...], ds: Any, model_name: str, dataset: str) -> None:
-    data_shape = tuple(ds.x.shape[1:])
-    if tuple(model_shape) != data_shape:
+def model_args_for(spec: Any, dataset: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Constructor arguments that follow from the data (classes, input channels) plus the user's own."""
+    args: dict[str, Any] = {"num_classes": len(dataset.classes)}
+    if "in_channels" in spec.default_args:
+        args["in_channels"] = int(dataset.x.shape[1])
+    args.update(extra or {})
+    return args
+
+
+def check_model_accepts(model: torch.nn.Module, dataset: Any, model_name: str, dataset_name: str) -> None:
+    """One forward pass on one sample, so a model/dataset mismatch is a clear error, not a deep traceback."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(dataset.x[:1])
+    except RuntimeError:
         raise UserError(
-            f"model {model_name} takes inputs of shape {tuple(model_shape)} but {dataset} has {data_shape}",
+            f"model {model_name} cannot take {dataset_name} inputs of shape {tuple(dataset.x.shape[1:])}",
             "pick a model and dataset that match (see `lrdeploy models`)",
-        )
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | None, out: Path) -> None:
@@ -189,6 +207,7 @@ def compress_bundle(
         method=method,
         dataset=ds_record,
         metrics=metrics,
+        input_shape=src.input_shape,
     )
     return {
         "metrics": metrics,
