@@ -75,6 +75,11 @@ def _is_bundle(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
+def check_output_dir(out_dir: str | os.PathLike) -> None:
+    """Fail before any work if ``out_dir`` could not take a bundle (call it before training/compressing)."""
+    _check_destination(Path(out_dir))
+
+
 def _check_destination(out_dir: Path) -> None:
     """Refuse to replace anything that is not one of our bundles: never clobber the user's files."""
     if not out_dir.exists() and not out_dir.is_symlink():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -77,41 +78,75 @@ def models_cmd() -> None:
     console.print(table)
 
 
+def parse_settings(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as JSON (numbers, true/false, lists), else kept as text."""
+    settings: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} {item!r} is not key=value", f"e.g. {flag} window=3")
+        try:
+            settings[key.strip()] = json.loads(raw)
+        except ValueError:
+            settings[key.strip()] = raw
+    return settings
+
+
 @app.command()
 @user_errors
 def train(
     model: str = typer.Option("lenet5", "--model", help="Registry model name (see `lrdeploy models`)."),
-    data: str = typer.Option("mnist", "--data", help="Dataset name: mnist or fashion-mnist."),
+    data: str = typer.Option("mnist", "--data", help="Dataset: mnist, fashion-mnist, cifar10."),
     data_dir: Path | None = DataDir,
+    method: str = typer.Option("dense", "--method", help="dense, cuttlefish or maestro."),
+    method_opt: list[str] | None = typer.Option(
+        None, "--method-opt", help="A method setting as key=value (repeatable), e.g. window=3."
+    ),
+    model_arg: list[str] | None = typer.Option(
+        None, "--model-arg", help="A model constructor argument as key=value (repeatable), e.g. width=16."
+    ),
     epochs: int = typer.Option(2, "--epochs", min=1),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     lr: float = typer.Option(0.05, "--lr", min=0.0),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay", min=0.0),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine or step"),
+    augment: str | None = typer.Option(None, "--augment", help="Training augmentation: crop-flip (CIFAR)."),
     limit_train: int | None = typer.Option(
         None, "--limit-train", min=1, help="Use the first N training examples."
     ),
+    limit_test: int | None = typer.Option(
+        None, "--limit-test", min=1, help="Evaluate on the first N test examples."
+    ),
     seed: int = typer.Option(0, "--seed"),
     out: Path | None = typer.Option(
-        None, "--out", help="Bundle directory to write (default runs/<model>-<data>)."
+        None, "--out", help="Bundle directory (default runs/<model>-<data>-<method>)."
     ),
 ) -> None:
-    """Train a dense model and write a bundle."""
-    from lrdeploy import workflows
+    """Train a model (dense, or low-rank with Cuttlefish or Maestro) and write a bundle."""
+    from lrdeploy.workflows import TrainRequest, train_bundle
 
-    out = out or Path("runs") / f"{model}-{data}"
-    result = workflows.train_dense(
-        model_name=model,
-        dataset=data,
-        data_dir=data_dir,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        schedule=schedule,
-        limit_train=limit_train,
-        seed=seed,
-        out=out,
+    out = out or Path("runs") / f"{model}-{data}-{method}"
+    metrics = train_bundle(
+        TrainRequest(
+            model_name=model,
+            dataset=data,
+            data_dir=data_dir,
+            method=method.lower(),
+            method_settings=parse_settings(method_opt, "--method-opt"),
+            model_args=parse_settings(model_arg, "--model-arg"),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            augment=augment,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            seed=seed,
+            out=out,
+        )
     )
-    console.print(f"test accuracy {result['test_accuracy']:.2%} — bundle written to [bold]{out}[/]")
+    console.print(f"test accuracy {metrics['test_accuracy']:.2%} — bundle written to [bold]{out}[/]")
 
 
 @app.command()

@@ -33,7 +33,7 @@ def run_demo(
     from lrdeploy.comparison import compare_artifacts
     from lrdeploy.exporters.onnx import export_onnx
     from lrdeploy.serving.report import render_compare_table
-    from lrdeploy.workflows import compress_bundle, train_dense
+    from lrdeploy.workflows import TrainRequest, compress_bundle, train_bundle
 
     console = console or Console()
     out = Path(out)
@@ -42,18 +42,16 @@ def run_demo(
     report_path = out / "report.json"
 
     console.rule(f"[bold]1/4[/] train dense {DEMO_MODEL} on {DEMO_DATA} ({epochs} epochs)")
-    dense_metrics = train_dense(
-        model_name=DEMO_MODEL,
-        dataset=DEMO_DATA,
-        data_dir=data_dir,
-        epochs=epochs,
-        batch_size=128,
-        lr=0.05,
-        schedule="cosine",
-        limit_train=limit_train,
-        seed=0,
-        out=dense_dir,
-        progress=progress,
+    dense_metrics = train_bundle(
+        TrainRequest(
+            model_name=DEMO_MODEL,
+            dataset=DEMO_DATA,
+            data_dir=data_dir,
+            epochs=epochs,
+            limit_train=limit_train,
+            out=dense_dir,
+            progress=progress,
+        )
     )
     console.print(f"dense test accuracy: {dense_metrics['test_accuracy']:.2%}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +24,83 @@ def _check_out_is_not_input(src: Path, out: Path) -> None:
         raise UserError(f"--out {out} is the input bundle itself", "write the result to a new directory")
 
 
-def train_dense(
-    *,
-    model_name: str,
-    dataset: str,
-    data_dir: Path | None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    schedule: str,
-    limit_train: int | None,
-    seed: int,
-    out: Path,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train a registry model densely and write its bundle; returns the metrics."""
-    from lrdeploy.bundle import save_bundle
+@dataclass
+class TrainRequest:
+    """Everything `lrdeploy train` needs; defaults are the CLI's."""
+
+    model_name: str = "lenet5"
+    dataset: str = "mnist"
+    data_dir: Path | None = None
+    method: str = "dense"
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    augment: str | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    seed: int = 0
+    out: Path = Path("runs/bundle")
+    progress: bool = True
+
+
+def train_bundle(req: TrainRequest) -> dict[str, Any]:
+    """Train a registry model with a method (dense, cuttlefish, maestro …) and write its bundle.
+
+    The method is a trainer hook from :mod:`lrdeploy.methods`; what it learnt (ranks, switch epoch,
+    stable-rank history …) goes into the manifest under ``method``, with the training settings beside it.
+    """
+    from lrdeploy.bundle import check_output_dir, save_bundle
     from lrdeploy.data import load_dataset
+    from lrdeploy.methods import get_method
     from lrdeploy.models import create_model, get_spec
     from lrdeploy.train import TrainConfig, train
 
-    if schedule not in ("cosine", "step"):
-        raise UserError(f"--schedule {schedule!r} is not known", "use cosine or step")
-    spec = get_spec(model_name)
-    train_set = load_dataset(dataset, "train", data_dir=data_dir, limit=limit_train)
-    test_set = load_dataset(dataset, "test", data_dir=data_dir)
+    check_output_dir(req.out)
+    spec = get_spec(req.model_name)
+    hook = None if req.method == "dense" else get_method(req.method, **req.method_settings)
+    if hook is None and req.method_settings:
+        raise UserError("--method-opt was given but --method is dense", "drop it or choose a method")
     config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        schedule=schedule,
-        seed=seed,
-        limit_train=limit_train,
-        progress=progress,
+        epochs=req.epochs,
+        batch_size=req.batch_size,
+        lr=req.lr,
+        weight_decay=req.weight_decay,
+        schedule=req.schedule,
+        seed=req.seed,
+        limit_train=req.limit_train,
+        progress=req.progress,
+        augment=req.augment,
     )
-    model_args = model_args_for(spec, train_set)
-    torch.manual_seed(seed)  # the initial weights are part of the run: seed them too
-    model = create_model(model_name, **model_args)
-    check_model_accepts(model, train_set, model_name, dataset)
-    result = train(model, train_set, test_set, config)
+    train_set = load_dataset(req.dataset, "train", data_dir=req.data_dir, limit=req.limit_train)
+    test_set = load_dataset(req.dataset, "test", data_dir=req.data_dir, limit=req.limit_test)
+    model_args = model_args_for(spec, train_set, req.model_args)
+    torch.manual_seed(req.seed)  # the initial weights are part of the run: seed them too
+    model = create_model(req.model_name, **model_args)
+    check_model_accepts(model, train_set, req.model_name, req.dataset)
+    if hook is not None and hasattr(hook, "prepare"):
+        model = hook.prepare(model)
+    result = train(model, train_set, test_set, config, hooks=[hook] if hook is not None else [])
     model = result.model
     metrics = {
         "test_accuracy": result.test_accuracy,
         "train_loss": result.train_loss,
         "train_seconds": result.seconds,
         "train_samples_per_s": result.samples_per_s,
+        "history": result.history,
     }
+    method = hook.manifest_record() if hook is not None else {"name": "dense"}
+    method["train"] = config.to_dict()
     save_bundle(
-        out,
+        req.out,
         model,
-        model_name=model_name,
+        model_name=req.model_name,
         model_args=model_args,
         input_shape=tuple(train_set.x.shape[1:]),
-        method={"name": "dense", "train": config.to_dict()},
+        method=method,
         dataset=_dataset_record(train_set, len(train_set)),
         metrics=metrics,
     )
@@ -109,9 +134,10 @@ def check_model_accepts(model: torch.nn.Module, dataset: Any, model_name: str, d
 
 def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | None, out: Path) -> None:
     """Write a bundle from a registry model at its initial weights or from a user's dense state dict."""
-    from lrdeploy.bundle import load_state_dict_checkpoint, save_bundle
+    from lrdeploy.bundle import check_output_dir, load_state_dict_checkpoint, save_bundle
     from lrdeploy.models import create_model, get_spec
 
+    check_output_dir(out)
     spec = get_spec(model_name)
     args = {"num_classes": num_classes or spec.num_classes}
     model = create_model(model_name, **args)
@@ -145,17 +171,23 @@ def compress_bundle(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Post-training path: SVD-compress a bundle, evaluate, optionally fine-tune, write a low-rank bundle."""
-    from lrdeploy.bundle import load_bundle, save_bundle
+    from lrdeploy.bundle import check_output_dir, load_bundle, save_bundle
     from lrdeploy.compress import compress
     from lrdeploy.data import load_dataset
     from lrdeploy.flops import count_params
+    from lrdeploy.layers.svd import check_fraction
     from lrdeploy.train import TrainConfig, evaluate, train
 
     if (rank_ratio is None) == (energy is None):
         raise UserError(
             "give exactly one of --rank-ratio or --energy", "e.g. --rank-ratio 0.25 or --energy 0.9"
         )
+    if rank_ratio is not None:
+        check_fraction(rank_ratio, "rank ratio", "--rank-ratio")
+    if energy is not None:
+        check_fraction(energy, "energy", "--energy")
     _check_out_is_not_input(bundle_path, out)
+    check_output_dir(out)
     src = load_bundle(bundle_path)
     model = src.model
     dense_params = count_params(model)
