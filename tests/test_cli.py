@@ -251,3 +251,35 @@ def test_compress_refuses_to_overwrite_user_files(pipeline, tmp_path):
     proc = lrdeploy_subprocess("compress", pipeline / "dense", "--rank-ratio", "0.5", "--out", out)
     assert_user_error(proc, str(out))
     assert tree_digest(out) == before
+
+
+def test_init_from_user_checkpoint(tmp_path):
+    """The "load" path: a plain PyTorch state dict becomes a bundle with exactly those weights."""
+    import torch
+
+    from lrdeploy.bundle import load_bundle
+    from lrdeploy.models import create_model
+
+    torch.manual_seed(3)
+    mine = create_model("lenet5")
+    ckpt = tmp_path / "mine.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in mine.state_dict().items()}}, ckpt)
+    r = invoke("init", "--model", "lenet5", "--from-checkpoint", ckpt, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    loaded = load_bundle(tmp_path / "b").model.state_dict()
+    for key, value in mine.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_init_rejects_mismatched_checkpoint(tmp_path):
+    import torch
+
+    from lrdeploy.models import create_model
+
+    state = create_model("lenet5").state_dict()
+    state["fc3.weight"] = torch.zeros(7, 84)
+    ckpt = tmp_path / "bad.pt"
+    torch.save(state, ckpt)
+    proc = lrdeploy_subprocess("init", "--model", "lenet5", "--from-checkpoint", ckpt, "--out", tmp_path / "b")
+    assert_user_error(proc, "fc3.weight")
+    assert not (tmp_path / "b").exists()
