@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from lrdeploy.data.augment import get_augmentation
 from lrdeploy.errors import UserError
 
 SCHEDULES = ("cosine", "step")
@@ -51,6 +52,7 @@ class TrainConfig:
     limit_train: int | None = None
     num_threads: int | None = None
     progress: bool = True
+    augment: str | None = None  # "crop-flip" (CIFAR); drawn from the shuffling generator, so still seeded
 
     def __post_init__(self) -> None:
         checks = (
@@ -65,6 +67,8 @@ class TrainConfig:
         for name, ok, want in checks:
             if not ok:
                 raise UserError(f"training setting {name} must be {want}, got {getattr(self, name)!r}")
+        if self.augment is not None:
+            get_augmentation(self.augment)  # unknown name -> UserError now, not mid-training
         if self.schedule not in SCHEDULES:
             raise UserError(
                 f"unknown learning-rate schedule '{self.schedule}'", hint=f"use {' or '.join(SCHEDULES)}"
@@ -208,6 +212,7 @@ class _Loop:
     progress: Progress
     task: Any
     step: int = 0
+    generator: torch.Generator | None = None  # the shuffling generator; augmentation draws from it too
 
 
 def _train_epoch(loop: _Loop, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, epoch: int) -> dict:
@@ -219,10 +224,13 @@ def _train_epoch(loop: _Loop, x: torch.Tensor, y: torch.Tensor, order: torch.Ten
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen, lr = 0, config.lr
+    augment = get_augmentation(config.augment) if config.augment is not None else None
     start = time.perf_counter()
     for i in range(steps):
         idx = order[i * bs : (i + 1) * bs]
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        if augment is not None:
+            xb = augment(xb, loop.generator)
         lr = lr_at(config, loop.step, loop.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -308,7 +316,7 @@ def train(
         optimizer = _make_optimizer(model, config, hooks)
         _call(hooks, "on_train_start", model, optimizer)
         task = progress.add_task("train", total=total_steps, stats="")
-        loop = _Loop(model, optimizer, config, total_steps, hooks, progress, task)
+        loop = _Loop(model, optimizer, config, total_steps, hooks, progress, task, generator=generator)
         for epoch in range(config.epochs):
             _call(hooks, "on_epoch_start", epoch)
             metrics = _train_epoch(loop, x, y, torch.randperm(n, generator=generator), epoch)

@@ -30,6 +30,11 @@ def clear_cache() -> None:
     _VERIFIED.clear()
 
 
+def mark_verified(path: str | os.PathLike, digest: str) -> None:
+    """Remember that ``path`` (as it is now) matched ``digest``; readers of other formats share the cache."""
+    _VERIFIED[_key(Path(path))] = digest
+
+
 def is_verified(path: str | os.PathLike, sha256: str) -> bool:
     """True when ``path`` was verified against ``sha256`` in this process and has not changed since."""
     try:

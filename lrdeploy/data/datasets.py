@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,18 +148,63 @@ def _known_digests() -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class ReaderSpec:
+    """A dataset in its own file format (CIFAR-10 …), registered by the module that reads it.
+
+    IDX datasets are plain data (:class:`DatasetSpec`); other formats bring their own ``load(split, data_dir,
+    limit, download) -> ArrayDataset`` and ``download(dest, mirrors=None, timeout=60.0) -> Path``, and
+    :func:`load_dataset` / ``download_dataset`` dispatch to them by name.
+    """
+
+    name: str
+    title: str
+    load: Callable[..., ArrayDataset]
+    download: Callable[..., Path]
+    classes: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+    aliases: tuple[str, ...] = ()
+
+
+READERS: dict[str, ReaderSpec] = {}
+
+
+def _dataset_key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def register_reader(spec: ReaderSpec) -> ReaderSpec:
+    for key in (spec.name, *spec.aliases):
+        if key in READERS or key in DATASETS:
+            raise ValueError(f"dataset '{key}' is already registered")
+        READERS[key] = spec
+    return spec
+
+
+def get_reader(name: str) -> ReaderSpec | None:
+    """The registered reader for ``name`` (aliases accepted), or None for IDX datasets and unknown names."""
+    return READERS.get(_dataset_key(name))
+
+
 def list_datasets() -> list[DatasetSpec]:
     return list(DATASETS.values())
 
 
+def dataset_names() -> list[str]:
+    """Every dataset name ``load_dataset`` accepts (IDX ones and registered readers, without aliases)."""
+    return [*DATASETS, *dict.fromkeys(r.name for r in READERS.values())]
+
+
 def get_dataset_spec(name: str) -> DatasetSpec:
     """Look a dataset up by name (case-insensitive, ``_`` accepted for ``-``)."""
-    key = name.strip().lower().replace("_", "-")
+    key = _dataset_key(name)
     if key in DATASETS:
         return DATASETS[key]
-    close = difflib.get_close_matches(key, DATASETS, n=1)
+    if key in READERS:
+        raise UserError(f"dataset '{name}' is not in IDX format", hint="load it with load_dataset")
+    close = difflib.get_close_matches(key, [*DATASETS, *READERS], n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise UserError(f"unknown dataset '{name}'", hint=f"{hint}known datasets: {', '.join(DATASETS)}")
+    raise UserError(f"unknown dataset '{name}'", hint=f"{hint}known datasets: {', '.join(dataset_names())}")
 
 
 def default_cache_dir() -> Path:
@@ -249,6 +294,7 @@ class ArrayDataset:
     preprocess: dict
     source: Path | None = None
     limit: int | None = field(default=None)
+    info: dict = field(default_factory=dict)  # reader-specific facts for describe(), e.g. {"partial": True}
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -266,8 +312,9 @@ class ArrayDataset:
             raise UserError(f"a dataset limit must be at least 1, got {n}")
         limit = n if n < len(self) else self.limit
         return ArrayDataset(
-            self.x[:n], self.y[:n], self.name, self.split, self.classes, self.preprocess, self.source, limit
-        )
+            self.x[:n], self.y[:n], self.name, self.split, self.classes, self.preprocess, self.source, limit,
+            dict(self.info),
+        )  # fmt: skip
 
     def describe(self) -> dict:
         """What a bundle manifest or report records about the data used."""
@@ -279,6 +326,7 @@ class ArrayDataset:
             "input_shape": list(self.input_shape),
             "classes": list(self.classes),
             "preprocess": dict(self.preprocess),
+            **self.info,
         }
 
 
@@ -290,11 +338,15 @@ def load_dataset(
     download: bool = False,
 ) -> ArrayDataset:
     """Load a verified split as normalised tensors; ``limit`` keeps the first N samples in file order."""
-    spec = get_dataset_spec(name)
+    reader = get_reader(name)
+    spec = get_dataset_spec(name) if reader is None else None
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'", hint=f"use one of: {', '.join(SPLITS)}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
+    if reader is not None:
+        return reader.load(split, data_dir=data_dir, limit=limit, download=download)
+    assert spec is not None
     folder = resolve_dataset_dir(spec.name, split, data_dir, download)
     known = _known_digests()
     arrays = []

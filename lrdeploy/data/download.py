@@ -18,7 +18,14 @@ from pathlib import Path
 
 from lrdeploy import __version__
 from lrdeploy.data.checksum import read_verified
-from lrdeploy.data.datasets import FileSpec, _known_digests, _locate, default_cache_dir, get_dataset_spec
+from lrdeploy.data.datasets import (
+    FileSpec,
+    _known_digests,
+    _locate,
+    default_cache_dir,
+    get_dataset_spec,
+    get_reader,
+)
 from lrdeploy.errors import UserError
 
 _CHUNK = 1 << 20
@@ -60,7 +67,11 @@ def download_dataset(
     Files already present and valid are kept. Each missing file is tried on each mirror in turn (``mirrors``
     overrides the canonical base URLs; any urllib scheme works, tests use ``file://``). A checksum mismatch on
     one mirror moves on to the next; if no mirror delivers a valid copy, :class:`UserError` says why per URL.
+    Datasets with their own reader (CIFAR-10) download their own way; ``mirrors`` are then full URLs.
     """
+    reader = get_reader(name)
+    if reader is not None:
+        return reader.download(dest, mirrors=mirrors, timeout=timeout)
     spec = get_dataset_spec(name)
     root = Path(dest).expanduser() if dest is not None else default_cache_dir()
     target = root / spec.folder

@@ -21,6 +21,30 @@ Builder = Callable[..., nn.Module]
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """One model input, for models that take several tensors or integer ids (e.g. a translation model).
+
+    ``shape`` is one sample without the batch dimension, at the nominal size used for FLOP counts;
+    ``dynamic`` names each of those axes that may vary at run time (None: fixed). The batch axis is always
+    dynamic and is not listed. Values of integer inputs come from the model's ``example_inputs`` (only the
+    model knows its vocabulary).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    dynamic: tuple[str | None, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "dynamic": list(self.dynamic),
+        }
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     builder: Builder
@@ -28,15 +52,32 @@ class ModelSpec:
     num_classes: int
     description: str
     default_args: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[InputSpec, ...] = ()  # empty: one float32 input of ``input_shape`` named "input"
+
+    @property
+    def input_specs(self) -> tuple[InputSpec, ...]:
+        """Every input of the model; single-input models get one described from ``input_shape``."""
+        return self.inputs or (InputSpec("input", tuple(self.input_shape)),)
+
+    @property
+    def multi_input(self) -> bool:
+        return len(self.input_specs) > 1
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(
-    name: str, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, description: str = ""
+    name: str,
+    input_shape: tuple[int, ...] = (1, 28, 28),
+    num_classes: int = 10,
+    description: str = "",
+    inputs: tuple[InputSpec, ...] = (),
 ) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder`` under ``name``; its keyword defaults become ``default_args``."""
+    """Decorator: register ``builder`` under ``name``; its keyword defaults become ``default_args``.
+
+    ``inputs`` describes a model with several (or integer) inputs; ``input_shape`` then describes the first.
+    """
 
     def decorate(builder: Builder) -> Builder:
         key = name.lower()
@@ -48,7 +89,9 @@ def register_model(
             if p.default is not inspect.Parameter.empty
         }
         doc = description or (inspect.getdoc(builder) or "").split("\n", 1)[0]
-        _REGISTRY[key] = ModelSpec(key, builder, tuple(input_shape), num_classes, doc, defaults)
+        _REGISTRY[key] = ModelSpec(
+            key, builder, tuple(input_shape), num_classes, doc, defaults, tuple(inputs)
+        )
         return builder
 
     return decorate
