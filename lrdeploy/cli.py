@@ -212,14 +212,19 @@ def export(
     ),
     opset: int = typer.Option(20, "--opset", min=13),
     optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Also write <stem>.ort.onnx."),
+    rank_budget: float | None = typer.Option(
+        None,
+        "--rank-budget",
+        help="Maestro bundles: keep the most important components, this share of factors.",
+    ),
+    data_dir: Path | None = DataDir,
 ) -> None:
     """Fold a bundle and export it to ONNX (checked, parity-verified, manifest in metadata)."""
-    from lrdeploy.bundle import load_bundle
-    from lrdeploy.exporters.onnx import export_onnx
+    from lrdeploy.workflows import export_bundle
 
-    if out.suffix != ".onnx":
-        raise UserError(f"--out {out} must end in .onnx", "e.g. --out model.onnx")
-    result = export_onnx(load_bundle(bundle), out, opset=opset, optimize=optimize)
+    result = export_bundle(
+        bundle, out, opset=opset, optimize=optimize, rank_budget=rank_budget, data_dir=data_dir
+    )
     console.print(
         f"exported [bold]{result.path}[/] ({result.exporter} exporter, opset {result.opset}, "
         f"{result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e})"

@@ -55,6 +55,7 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     """
     from lrdeploy.bundle import check_output_dir, save_bundle
     from lrdeploy.data import load_dataset
+    from lrdeploy.layers.maestro import compact
     from lrdeploy.methods import get_method
     from lrdeploy.models import create_model, get_spec
     from lrdeploy.train import TrainConfig, train
@@ -84,7 +85,7 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     if hook is not None and hasattr(hook, "prepare"):
         model = hook.prepare(model)
     result = train(model, train_set, test_set, config, hooks=[hook] if hook is not None else [])
-    model = result.model
+    model = compact(result.model)  # Maestro keeps dead components in storage while training; drop them
     metrics = {
         "test_accuracy": result.test_accuracy,
         "train_loss": result.train_loss,
@@ -263,3 +264,52 @@ def _compression_table(report: Any, dense_params: int, params: int) -> Table:
             layer.skipped or "",
         )
     return table
+
+
+def export_bundle(
+    bundle_path: Path,
+    out: Path,
+    *,
+    opset: int = 20,
+    optimize: bool = True,
+    rank_budget: float | None = None,
+    data_dir: Path | None = None,
+    calibration_examples: int = 2048,
+) -> Any:
+    """Export a bundle to ONNX; with ``rank_budget``, first cut a Maestro model to that share of its factors.
+
+    A truncated model normalises different activations, so BatchNorm statistics are recomputed on the first
+    ``calibration_examples`` training examples of the bundle's dataset (when the model has BatchNorm).
+    """
+    from lrdeploy.bundle import Bundle, load_bundle
+    from lrdeploy.exporters.onnx import export_onnx
+    from lrdeploy.flops import count_flops, count_params
+    from lrdeploy.layers.structure import describe
+
+    if Path(out).suffix != ".onnx":
+        raise UserError(f"--out {out} must end in .onnx", "e.g. --out model.onnx")
+    bundle = load_bundle(bundle_path)
+    if rank_budget is None:
+        return export_onnx(bundle, out, opset=opset, optimize=optimize)
+
+    from lrdeploy.exporters.budget import truncate_to_budget
+
+    calibration = None
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in bundle.model.modules())
+    ds_name = (bundle.manifest.get("dataset") or {}).get("name")
+    if has_bn and ds_name:
+        from lrdeploy.data import load_dataset
+
+        calibration = load_dataset(ds_name, "train", data_dir=data_dir, limit=calibration_examples).x
+    small = truncate_to_budget(bundle.model, rank_budget, calibration_x=calibration).eval()
+    manifest = dict(bundle.manifest)
+    manifest["structure"] = describe(small)
+    manifest["params"] = count_params(small)
+    manifest["flops"] = count_flops(small, bundle.input_shape)
+    manifest["method"] = {
+        **manifest.get("method", {}),
+        "export_rank_budget": rank_budget,
+        "bn_recalibrated_on": calibration_examples if calibration is not None else None,
+    }
+    manifest["metrics"] = {"note": "metrics of the untruncated model are in the source bundle"}
+    return export_onnx(Bundle(bundle.path, manifest, small), out, opset=opset, optimize=optimize)

@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from lrdeploy.models.lenet import LeNet5  # importing the family module registers its builders
-from lrdeploy.models.registry import ModelSpec, create_model, get_spec, list_models, register_model
+from lrdeploy.models.registry import InputSpec, ModelSpec, create_model, get_spec, list_models, register_model
+from lrdeploy.models.resnet import ResNet
+from lrdeploy.models.transformer import Seq2SeqTransformer
+from lrdeploy.models.vgg import VGG
 
-__all__ = ["LeNet5", "ModelSpec", "create_model", "get_spec", "list_models", "register_model"]
+__all__ = [
+    "VGG",
+    "InputSpec",
+    "LeNet5",
+    "ModelSpec",
+    "ResNet",
+    "Seq2SeqTransformer",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "register_model",
+]
