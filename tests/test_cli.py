@@ -280,6 +280,7 @@ def test_init_rejects_mismatched_checkpoint(tmp_path):
     state["fc3.weight"] = torch.zeros(7, 84)
     ckpt = tmp_path / "bad.pt"
     torch.save(state, ckpt)
-    proc = lrdeploy_subprocess("init", "--model", "lenet5", "--from-checkpoint", ckpt, "--out", tmp_path / "b")
+    out = tmp_path / "b"
+    proc = lrdeploy_subprocess("init", "--model", "lenet5", "--from-checkpoint", ckpt, "--out", out)
     assert_user_error(proc, "fc3.weight")
     assert not (tmp_path / "b").exists()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lrdeploy.exporters.fold import fold_model
 from torch import nn
 
 from lrdeploy.compress import compress
 from lrdeploy.errors import UserError
+from lrdeploy.exporters.fold import fold_model
 from lrdeploy.layers import LOWRANK_TYPES, LowRankConv2d, LowRankLinear
 
 
