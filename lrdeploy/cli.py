@@ -285,7 +285,7 @@ def demo(
         Path("runs/demo"), "--out", help="Where the demo's bundles, ONNX files and report go."
     ),
     data_dir: Path | None = DataDir,
-    epochs: int = typer.Option(3, "--epochs", min=1),
+    epochs: int = typer.Option(4, "--epochs", min=1),
 ) -> None:
     """The main job: train LeNet-5 on MNIST, compress it, fine-tune, export both, compare them."""
     from lrdeploy.demo import run_demo
