@@ -1,0 +1,108 @@
+"""Dense vs Cuttlefish vs Maestro on Fashion-MNIST with a narrow ResNet-18: accuracy, size, FLOPs, latency.
+
+Reproduces the issue-3 table in docs/benchmarks.md. Each method trains the same model from the same seed on
+the same data; the three exported ONNX files are then timed interleaved in one ONNX Runtime run (so the
+ratios hold on a shared machine). Usage:
+
+    .venv/bin/python scripts/bench_methods.py --data-dir ../shared/data --out runs/bench-methods \
+        --width 16 --limit-train 10000 --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from lrdeploy.bundle import load_bundle, read_manifest
+from lrdeploy.data import load_dataset
+from lrdeploy.exporters.onnx import export_onnx
+from lrdeploy.serving.bench import benchmark
+from lrdeploy.serving.parity import accuracy, run_batched
+from lrdeploy.serving.report import write_json
+from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
+from lrdeploy.workflows import TrainRequest, train_bundle
+
+METHODS = {
+    "dense": {},
+    # short CPU runs: a 2-epoch detector window, switch forced by half of the epochs at the latest
+    "cuttlefish": {"window": 2},
+    "maestro": {"lambda_gl": 5e-3, "threshold": 1e-5},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--limit-train", type=int, default=10000)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--methods", default="dense,cuttlefish,maestro")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-methods"))
+    p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per latency block")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rows: dict[str, dict] = {}
+    for method in args.methods.split(","):
+        bundle_dir = args.out / method
+        load_before = os.getloadavg()
+        started = time.perf_counter()
+        metrics = train_bundle(
+            TrainRequest(
+                model_name=args.model, dataset=args.data, data_dir=args.data_dir, method=method,
+                method_settings=dict(METHODS[method]), model_args={"width": args.width}, epochs=args.epochs,
+                batch_size=args.batch_size, lr=args.lr, limit_train=args.limit_train, out=bundle_dir,
+            )
+        )
+        wall = time.perf_counter() - started
+        manifest = read_manifest(bundle_dir)
+        onnx_path = args.out / f"{method}.onnx"
+        export_onnx(load_bundle(bundle_dir), onnx_path, optimize=False)
+        rows[method] = {
+            "test_accuracy_torch": metrics["test_accuracy"],
+            "params": manifest["params"],
+            "flops": manifest["flops"],
+            "train_seconds": metrics["train_seconds"],
+            "wall_seconds_incl_eval": wall,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "ranks": {k: f"{v['rank']}/{v['full_rank']}" for k, v in manifest["structure"].items()},
+            "method_log": {k: v for k, v in manifest["method"].items() if k != "log"}
+            | {"switch_epoch": manifest["method"].get("log", {}).get("switch_epoch"),
+               "forced": manifest["method"].get("log", {}).get("forced"),
+               "k": manifest["method"].get("log", {}).get("k")},
+            "onnx": str(onnx_path),
+        }
+        print(json.dumps({method: rows[method]}, indent=1, default=str), flush=True)
+
+    test = load_dataset(args.data, "test", data_dir=args.data_dir)
+    runtimes = {m: OrtCpuRuntime(rows[m]["onnx"]) for m in rows}
+    for m, rt in runtimes.items():
+        rows[m]["test_accuracy_ort"] = accuracy(run_batched(rt, test.x.numpy(), 256), test.y.numpy())
+    bench = benchmark(runtimes, tuple(test.x.shape[1:]), (1, 32), min_seconds=args.seconds)
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "bench": bench.to_dict()}
+    write_json(args.out / "results.json", result)
+    ref = next(iter(rows))
+    print("\n| method | test acc (ORT) | params | ×fewer | FLOPs/sample | ×fewer | b1 median ms "
+          "| b1 speedup | b32 median ms | b32 speedup | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m, r in rows.items():
+        cells = []
+        for b in (1, 32):
+            st = bench.stats(m, b)
+            cells += [f"{st.median_ms:.3f}", f"{bench.speedup(m, b):.2f}×" if m != ref else "—"]
+        fewer = rows[ref]["params"] / r["params"]
+        print(f"| {m} | {r['test_accuracy_ort']:.2%} | {r['params']:,} | {fewer:.2f}× "
+              f"| {r['flops'] / 1e6:.1f} M | {rows[ref]['flops'] / r['flops']:.2f}× | {' | '.join(cells)} "
+              f"| {r['train_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
