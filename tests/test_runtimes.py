@@ -196,10 +196,13 @@ def test_serving_does_not_import_training_code():
         "import sys\n"
         "import lrdeploy.serving.bench, lrdeploy.serving.parity, lrdeploy.serving.report\n"
         "import lrdeploy.serving.runtimes.ort_cpu, lrdeploy.serving.runtimes.torch_cpu\n"
+        "import lrdeploy.serving.runtimes.ort_cuda, lrdeploy.serving.runtimes.ort_session\n"
+        "import lrdeploy.serving.runtimes.torch_runtime, lrdeploy.serving.runtimes.trt\n"
         "bad = [m for m in sys.modules if m.split('.')[:2] in (['lrdeploy', 'models'], ['lrdeploy', 'train'],"
         " ['lrdeploy', 'data'], ['lrdeploy', 'bundle'], ['lrdeploy', 'layers'], ['lrdeploy', 'methods'])]\n"
         "assert not bad, bad\n"
         "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules  # backends load lazily\n"
+        "assert 'tensorrt' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -209,3 +212,296 @@ def test_wrong_input_shape_is_a_user_error(gemm_onnx):
     with pytest.raises(UserError, match="rejected input") as info:
         rt.run(np.zeros((2, 1, 6), dtype=np.float32))
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------ issue 4: device runtimes
+# Everything below runs on a CPU-only box: the GPU paths themselves are in test_runtimes_gpu.py.
+from lrdeploy.serving.runtimes import DeviceOutput, canonical_kind  # noqa: E402
+from lrdeploy.serving.runtimes.base import measure_memory  # noqa: E402
+from lrdeploy.serving.runtimes.ort_cuda import OrtCudaRuntime, OrtIoBindingRuntime  # noqa: E402
+from lrdeploy.serving.runtimes.ort_session import make_session  # noqa: E402
+from lrdeploy.serving.runtimes.trt import read_sidecar  # noqa: E402
+
+_NOT_BUILT_IN = [p for p in ("CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider")
+                 if p not in ort.get_available_providers()]
+
+
+def test_ort_cuda_on_cpu_only_onnxruntime_is_a_clear_user_error(gemm_onnx):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime ships CUDAExecutionProvider")
+    for build in (lambda: load_runtime("ort-cuda", gemm_onnx), lambda: OrtCudaRuntime(gemm_onnx),
+                  lambda: make_session(gemm_onnx, ["CUDAExecutionProvider", "CPUExecutionProvider"])):
+        with pytest.raises(UserError, match="CUDAExecutionProvider is not available") as info:
+            build()
+        msg = str(info.value)
+        assert "\n" not in msg and "onnxruntime-gpu" in msg and "ort-cpu" in msg
+
+
+def test_silent_cpu_fallback_is_caught_after_session_creation(gemm_onnx):
+    """ORT itself drops an unavailable provider with only a warning; make_session's post-check refuses."""
+    if not _NOT_BUILT_IN:
+        pytest.skip("every candidate provider is built into this onnxruntime")
+    wanted = _NOT_BUILT_IN[0]
+    with pytest.warns(UserWarning, match="not in available provider names"):  # the silent path exists
+        plain = ort.InferenceSession(str(gemm_onnx), providers=[wanted, "CPUExecutionProvider"])
+    assert plain.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match=f"fell back to CPU: {wanted} could not be loaded") as info:
+        make_session(gemm_onnx, [wanted, "CPUExecutionProvider"], check_available=False)
+    assert "\n" not in str(info.value) and "providers in use: CPUExecutionProvider" in str(info.value)
+
+
+class _FakeSession:
+    """Stands in for onnxruntime-gpu's InferenceSession, which cannot be installed here (baseline.md §6)."""
+
+    fail_with: str | None = None  # raise this for GPU providers (a missing CUDA library)
+
+    def __init__(self, path, sess_options=None, providers=(), **kwargs):
+        names = [p[0] if isinstance(p, tuple) else p for p in providers]
+        if self.fail_with and names[0] != "CPUExecutionProvider":
+            raise RuntimeError(self.fail_with)
+        self.kwargs = kwargs
+        self.providers = ["CPUExecutionProvider"]  # what onnxruntime-gpu reports after its silent fallback
+
+    def get_providers(self):
+        return self.providers
+
+
+def test_gpu_build_falling_back_is_caught(gemm_onnx, monkeypatch):
+    """onnxruntime-gpu lists CUDA as available, fails to load it and runs on the CPU: both are errors."""
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    with pytest.raises(UserError, match="fell back to CPU: CUDAExecutionProvider could not be loaded"):
+        make_session(gemm_onnx, ["CUDAExecutionProvider", "CPUExecutionProvider"])  # older ORT: fallback on
+
+    cublas = ("/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:1539 onnxruntime::Provider& "
+              "[ONNXRuntimeError] : 1 : FAIL : Failed to load library libonnxruntime_providers_cuda.so with "
+              "error: libcublasLt.so.12: cannot open shared object file: No such file or directory")
+    monkeypatch.setattr(_FakeSession, "fail_with", cublas)
+    with pytest.raises(UserError) as info:
+        make_session(gemm_onnx, [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+    msg = str(info.value)
+    assert msg.startswith("ONNX Runtime fell back to CPU: CUDAExecutionProvider could not be loaded")
+    assert "libcublasLt.so.12" in msg and "\n" not in msg and "onnxruntime-gpu" in msg
+
+
+def test_make_session_disables_orts_creation_fallback(gemm_onnx, monkeypatch):
+    seen = {}
+
+    class Spy(_FakeSession):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", Spy)
+    make_session(gemm_onnx, ["CPUExecutionProvider"])
+    assert seen["enable_fallback"] == 0
+
+
+def test_make_session_keeps_model_errors_as_model_errors(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage \x00\xff")
+    with pytest.raises(UserError, match="not a valid ONNX model"):
+        make_session(bad, ["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("include_transfer", [False, True])
+def test_io_binding_runtime_matches_plain_ort_on_the_cpu_provider(gemm_onnx, include_transfer, monkeypatch):
+    """The ort-cuda binding code, run on CPUExecutionProvider: parity, and host copies only where due."""
+    rt = OrtIoBindingRuntime(gemm_onnx, 1, provider="CPUExecutionProvider", device_type="cpu",
+                             include_transfer=include_transfer, name="bound")
+    copied = []
+    real_host = rt._host
+    monkeypatch.setattr(rt, "_host", lambda x: (copied.append(id(x)), real_host(x))[1])
+    ref = OrtCpuRuntime(gemm_onnx, threads=1)
+    x1 = RNG.standard_normal((3, 6)).astype(np.float32)
+    x2 = RNG.standard_normal((5, 6)).astype(np.float32)
+    rt.stage(x1)  # untimed; a no-op when transfers are to be timed
+    y1, y1b, y2 = rt.run(x1), rt.run(x1), rt.run(x2)
+    assert isinstance(y1, np.ndarray) == include_transfer
+    assert isinstance(y1, DeviceOutput) != include_transfer
+    np.testing.assert_allclose(np.asarray(y1), ref.run(x1), rtol=1e-6)  # y1 still valid after later runs
+    np.testing.assert_allclose(np.asarray(y1b), ref.run(x1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y2), ref.run(x2), rtol=1e-6)
+    assert copied == ([id(x1), id(x1), id(x2)] if include_transfer else [id(x1), id(x2)])
+    np.testing.assert_allclose(np.asarray(rt.run(x1)), ref.run(x1), rtol=1e-6)  # x2 replaced the binding
+    d = rt.describe()
+    assert d["io_binding"] and d["include_transfer"] == include_transfer
+    assert d["providers"] == ["CPUExecutionProvider"] and d["device"] == "cpu"
+
+
+def test_io_binding_runtime_wrong_shape_is_a_user_error(gemm_onnx):
+    rt = OrtIoBindingRuntime(gemm_onnx, 1, provider="CPUExecutionProvider", device_type="cpu")
+    with pytest.raises(UserError, match="rejected input"):
+        rt.run(np.zeros((2, 7), dtype=np.float32))
+    x = np.ones((1, 6), dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(rt.run(x)), _numpy_ref(x), rtol=1e-5)  # recovers
+
+
+def test_device_output_converts_on_demand_and_refuses_when_stale():
+    owner = type("Owner", (), {"generation": 1})()
+    out = DeviceOutput(lambda: np.arange(6, dtype=np.float32).reshape(2, 3), (2, 3), np.float32, owner=owner)
+    assert out.shape == (2, 3) and out.dtype == np.float32 and len(out) == 2
+    np.testing.assert_array_equal(np.asarray(out, dtype=np.float64), np.arange(6).reshape(2, 3))
+    owner.generation += 1  # the runtime ran again over the same buffer
+    with pytest.raises(RuntimeError, match="overwritten by a later run"):
+        np.asarray(out)
+    assert output_parity(DeviceOutput(lambda: np.ones(3), (3,), np.float64), np.ones(3))["max_abs"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ torch
+class _TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("include_transfer", [False, True])
+def test_torch_include_transfer_decides_when_the_input_is_copied(include_transfer, monkeypatch):
+    torch.manual_seed(0)
+    rt = TorchRuntime(_TwoLayer(), threads=1, include_transfer=include_transfer)
+    copies = []
+    real = rt._to_device
+    monkeypatch.setattr(rt, "_to_device", lambda x: (copies.append(id(x)), real(x))[1])
+    x1 = RNG.standard_normal((4, 6)).astype(np.float32)
+    x2 = RNG.standard_normal((4, 6)).astype(np.float32)
+    rt.stage(x1)  # what the bench does before warm-up; a no-op when transfers are timed
+    outs = [rt.run(x1) for _ in range(3)] + [rt.run(x2) for _ in range(2)]
+    # staged x1 is placed once and reused; x2 was never staged, so every run copies it
+    assert copies == ([id(x1)] * 3 if include_transfer else [id(x1)]) + [id(x2)] * 2
+    if not include_transfer:
+        assert rt._staged_host is x1 and rt._staged.device == rt.device
+    with torch.no_grad():
+        np.testing.assert_allclose(outs[0], rt.module(torch.from_numpy(x1)).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(outs[-1], rt.module(torch.from_numpy(x2)).numpy(), rtol=1e-6)
+    assert all(isinstance(o, np.ndarray) for o in outs)  # on the CPU outputs are host arrays either way
+    assert rt.describe()["include_transfer"] == include_transfer
+
+
+def test_torch_runtime_describe_mode_dtype_and_memory():
+    torch.manual_seed(0)
+    module = _TwoLayer()
+    rt = TorchRuntime(module, threads=1, dtype="bf16")
+    assert rt.module is not module  # moved to bfloat16 on a copy: the caller's module is untouched
+    assert module.a.weight.dtype == torch.float32 and rt.module.a.weight.dtype == torch.bfloat16
+    x = RNG.standard_normal((2, 6)).astype(np.float32)
+    y = rt.run(x)
+    assert y.dtype == np.float32 and y.shape == (2, 3)  # bf16 comes back as float32 (numpy has no bf16)
+    d = rt.describe()
+    assert d["mode"] == "eager" and d["dtype"] == "bfloat16" and d["threads"] == 1
+    assert d["providers"] == ["torch-eager-cpu"] and "gpu" not in d
+    m = rt.memory(x, runs=2)
+    assert m["runs"] == 2 and m["rss_peak_delta_bytes"] >= 0 and m["cuda_peak_allocated_bytes"] is None
+    assert rt.describe()["memory"] == m
+
+
+def test_torch_runtime_keeps_integer_inputs():
+    emb = torch.nn.Embedding(10, 4)
+    rt = TorchRuntime(emb, threads=1)
+    ids = np.array([[1, 2, 3]], dtype=np.int64)
+    with torch.no_grad():
+        np.testing.assert_allclose(rt.run(ids), emb(torch.from_numpy(ids)).numpy())
+
+
+class _Allocates(torch.nn.Module):
+    """Touches 32 MiB of fresh memory per call, then frees it: only a peak measurement can see it."""
+
+    def forward(self, x):
+        big = torch.ones(8 * 1024 * 1024)
+        return x + big[:1]
+
+
+def test_measure_memory_sees_a_transient_peak():
+    rt = TorchRuntime(_Allocates(), threads=1)
+    x = np.zeros((1, 1), dtype=np.float32)
+    rt.run(x)
+    m = rt.memory(x, runs=1)
+    if m["rss_method"] == "VmHWM":
+        assert m["rss_peak_delta_bytes"] >= 16 * 1024 * 1024
+        assert m["rss_peak_bytes"] >= m["rss_before_bytes"]
+    else:
+        assert m["rss_peak_delta_bytes"] >= 0
+    with pytest.raises(UserError, match="runs"):
+        measure_memory(lambda: None, runs=0)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"mode": "cuda-graph"}, "needs a CUDA device"),
+    ({"mode": "lazy"}, "unknown torch mode"),
+    ({"dtype": "int4"}, "unknown dtype"),
+    ({"device": "tpu"}, "torch device"),
+])
+def test_torch_runtime_rejects_bad_settings(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        TorchRuntime(_TwoLayer(), threads=1, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ load_runtime
+def test_runtime_kinds_and_aliases():
+    assert RUNTIME_KINDS == ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "trt")
+    assert canonical_kind("TensorRT") == ("trt", None)
+    assert canonical_kind("torch-cuda-graph") == ("torch-cuda", "cuda-graph")
+    assert canonical_kind("torch") == ("torch-cpu", None)
+
+
+def test_load_runtime_torch_cuda_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    for kwargs in ({}, {"mode": "cuda-graph"}):
+        with pytest.raises(UserError, match="sees no CUDA GPU") as info:
+            load_runtime("torch-cuda", _TwoLayer(), **kwargs)
+        assert "torch-cpu" in str(info.value)
+
+
+@pytest.mark.parametrize(("kind", "source", "kwargs", "match"), [
+    ("ort-cpu", "m.onnx", {"mode": "eager"}, "applies to runtime torch-cuda only"),
+    ("torch-cpu", None, {"mode": "cuda-graph"}, "applies to runtime torch-cuda only"),
+    ("torch-cuda-graph", None, {"mode": "eager"}, "implies mode"),
+    ("torch-cuda", None, {"mode": "jit"}, "unknown torch mode"),
+    ("ort-cpu", "m.onnx", {"dtype": "float16"}, "torch runtimes only"),
+    ("torch-cpu", "model.onnx", {}, "takes an nn.Module"),
+    ("ort-cpu", None, {}, "takes a path"),
+    ("trt", None, {}, "takes a path"),
+])
+def test_load_runtime_rejects_mismatched_arguments(kind, source, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        load_runtime(kind, _TwoLayer() if source is None else source, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------------- trt
+def test_trt_without_tensorrt_is_a_user_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails even where TensorRT is installed
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"\x00")
+    with pytest.raises(UserError, match="TensorRT is not installed") as info:
+        load_runtime("trt", engine)
+    msg = str(info.value)
+    assert "\n" not in msg and "pip install tensorrt" in msg and "NVIDIA's package index" in msg
+
+
+def test_trt_placeholder_package_and_missing_gpu_are_user_errors(monkeypatch, tmp_path):
+    import types
+
+    placeholder = types.ModuleType("tensorrt")
+    placeholder.__version__ = "10.0.0b6"
+    monkeypatch.setitem(sys.modules, "tensorrt", placeholder)
+    with pytest.raises(UserError, match="placeholder"):
+        load_runtime("trt", tmp_path / "model.plan")
+    if not torch.cuda.is_available():
+        placeholder.Runtime = object  # looks real: the missing GPU is the next thing reported
+        with pytest.raises(UserError, match="needs a CUDA GPU"):
+            load_runtime("trt", tmp_path / "model.plan")
+
+
+def test_trt_sidecar_is_read_and_a_bad_one_is_reported(tmp_path):
+    engine = tmp_path / "model.plan"
+    assert read_sidecar(engine) == (None, None)
+    (tmp_path / "model.json").write_text('{"precision": "fp16"}')
+    meta, problem = read_sidecar(engine)
+    assert meta["precision"] == "fp16" and problem is None
+    (tmp_path / "model.plan.json").write_text("{not json")  # the more specific name wins
+    meta, problem = read_sidecar(engine)
+    assert meta is None and problem.startswith("model.plan.json")

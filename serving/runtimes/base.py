@@ -8,6 +8,10 @@ does not record this cannot be reproduced or trusted (ORT-GPU silently falls bac
 from __future__ import annotations
 
 import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -22,7 +26,12 @@ class Runtime(Protocol):
     name: str
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Run one batch; return the (first) output. Must block until the result is ready."""
+        """Run one batch; return the (first) output. Must block until the result is ready.
+
+        Device runtimes built with ``include_transfer=False`` return a :class:`DeviceOutput` instead (the
+        output stays on the device; ``np.asarray`` copies it to the host), so callers that need numpy
+        wrap the result in ``np.asarray`` — which is a no-op for the CPU runtimes.
+        """
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -49,3 +58,221 @@ def resolve_threads(threads: int | None) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UserError(f"threads must be a positive integer, got {threads!r}", hint="pass e.g. --threads 2")
     return threads
+
+
+# ------------------------------------------------------------------------------------------ device outputs
+class DeviceOutput:
+    """A run's first output left on the device; ``np.asarray(out)`` or ``out.numpy()`` copies it to the host.
+
+    Device runtimes return this instead of a numpy array when ``include_transfer=False``, so the timed call
+    covers the compute and not the device→host copy (trtexec's default; ORT issue #8166 is the classic
+    "GPU 5x slower" caused by timed copies). Parity code calls ``np.asarray`` on outputs, which works on
+    both. Runtimes that reuse a static output buffer (CUDA graphs, TensorRT) pass ``owner``: an object
+    whose ``generation`` counter they bump on every run, so reading an output after a later run raises
+    instead of silently returning the later run's numbers.
+    """
+
+    __slots__ = ("_fetch", "_generation", "_owner", "dtype", "shape")
+
+    def __init__(self, fetch: Callable[[], np.ndarray], shape: Sequence[int], dtype: Any, *,
+                 owner: Any = None) -> None:
+        self._fetch = fetch
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self._owner = owner
+        self._generation = getattr(owner, "generation", None)
+
+    def numpy(self) -> np.ndarray:
+        if self._owner is not None and self._owner.generation != self._generation:
+            raise RuntimeError("this output's device buffer was overwritten by a later run(): convert it "
+                               "with np.asarray(...) before running the runtime again")
+        return self._fetch()
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DeviceOutput(shape={self.shape}, dtype={self.dtype})"
+
+
+def to_numpy(y: Any) -> np.ndarray:
+    """A runtime's output as a host numpy array, whichever kind of runtime produced it."""
+    return np.asarray(y)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def _proc_status_bytes(*keys: str) -> dict[str, int]:
+    """``VmRSS``/``VmHWM``… from /proc/self/status in bytes (empty where /proc is missing)."""
+    out: dict[str, int] = {}
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                out[key] = int(parts[0]) * 1024  # the kernel reports kB
+    return out
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not allowed.
+
+    Writing "5" to /proc/self/clear_refs (Linux >= 4.0) only resets the peak counter: it does not touch
+    page reference bits, so it costs nothing and changes no later behaviour.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _ru_maxrss_bytes() -> int:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux reports KiB, macOS bytes
+
+
+def _cuda_torch(cuda_device: int | None) -> Any:
+    """torch when it is already imported and ``cuda_device`` is usable; never imports torch itself."""
+    if cuda_device is None:
+        return None
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return torch
+
+
+def measure_memory(fn: Callable[[], Any], *, runs: int = 1, cuda_device: int | None = None) -> dict[str, Any]:
+    """Peak memory while ``fn`` is called ``runs`` times, as deltas over the state just before.
+
+    What is measured, and its limits:
+    - ``rss_peak_delta_bytes``: host resident-set peak minus the RSS at the start. On Linux the kernel's
+      peak counter is reset first (``rss_method="VmHWM"``), so the number is exact for this window. Where
+      that is not possible it falls back to ``getrusage`` (``rss_method="ru_maxrss"``), a lifetime peak:
+      the delta is then a lower bound, 0 unless this window set a new peak for the whole process.
+    - ``cuda_peak_delta_bytes``: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the
+      start (the peak counter is reset: process-wide, so do not measure two things at once). Only
+      allocations made through torch's caching allocator are counted: torch runtimes and the buffers the
+      TensorRT runtime allocates, but not ONNX Runtime's own CUDA arena nor TensorRT's internal activation
+      memory. ``cuda_device_used_delta_bytes`` (``cudaMemGetInfo`` after minus before, device-wide, all
+      processes) sees those, but only what is still held at the end, not a peak.
+    Both are process-global counters: measure one runtime at a time, outside any timed loop.
+    """
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise UserError(f"runs must be a positive integer, got {runs!r}")
+    torch = _cuda_torch(cuda_device)
+    cuda: dict[str, Any] = {"cuda_device": cuda_device if torch is not None else None}
+    if torch is not None:
+        torch.cuda.synchronize(cuda_device)
+        torch.cuda.reset_peak_memory_stats(cuda_device)
+        cuda_before = torch.cuda.memory_allocated(cuda_device)
+        free, total = torch.cuda.mem_get_info(cuda_device)
+        used_before = total - free
+
+    exact = _reset_rss_peak()
+    rss_before = _proc_status_bytes("VmRSS").get("VmRSS")
+    maxrss_before = _ru_maxrss_bytes()
+    for _ in range(runs):
+        fn()
+    if torch is not None:
+        torch.cuda.synchronize(cuda_device)
+    status = _proc_status_bytes("VmRSS", "VmHWM")
+
+    if exact and "VmHWM" in status and rss_before is not None:
+        method, peak = "VmHWM", status["VmHWM"]
+        delta = max(0, peak - rss_before)
+    else:
+        method, peak = "ru_maxrss", _ru_maxrss_bytes()
+        delta = max(0, peak - maxrss_before)
+    out: dict[str, Any] = {
+        "runs": runs,
+        "rss_method": method,
+        "rss_before_bytes": rss_before,
+        "rss_peak_bytes": peak,
+        "rss_after_bytes": status.get("VmRSS"),
+        "rss_peak_delta_bytes": delta,
+        **cuda,
+        "cuda_allocated_before_bytes": None,
+        "cuda_peak_allocated_bytes": None,
+        "cuda_peak_delta_bytes": None,
+        "cuda_device_used_delta_bytes": None,
+    }
+    if torch is not None:
+        peak_alloc = torch.cuda.max_memory_allocated(cuda_device)
+        free, total = torch.cuda.mem_get_info(cuda_device)
+        out.update(cuda_allocated_before_bytes=cuda_before, cuda_peak_allocated_bytes=peak_alloc,
+                   cuda_peak_delta_bytes=max(0, peak_alloc - cuda_before),
+                   cuda_device_used_delta_bytes=(total - free) - used_before)
+    return out
+
+
+class MeasuresMemory:
+    """Mixin: ``runtime.memory(x)`` = :func:`measure_memory` around ``runtime.run(x)`` on its own device.
+
+    The first run on a new input shape includes one-off costs (staging the input, capturing a CUDA graph,
+    allocating output buffers): warm the runtime up on ``x`` first to see the steady state.
+    """
+
+    cuda_device_index: int | None = None
+    last_memory: dict[str, Any] | None = None
+
+    def memory(self, x: np.ndarray, runs: int = 3) -> dict[str, Any]:
+        result = measure_memory(lambda: self.run(x), runs=runs, cuda_device=self.cuda_device_index)
+        self.last_memory = result
+        return result
+
+    def run(self, x: np.ndarray) -> Any:  # pragma: no cover - provided by the runtime
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------- device description
+def nvidia_driver_version() -> str | None:
+    """The kernel driver version (e.g. "550.54.15") from /proc, as ``nvidia-smi`` would print it."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+    return match.group(1) if match else None
+
+
+def cuda_driver_api_version() -> str | None:
+    """The newest CUDA version the driver supports (``cuDriverGetVersion``), e.g. "12.4"."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
+def cuda_device_info(index: int = 0) -> dict[str, Any]:
+    """What a GPU number needs next to it: device name, capability, memory, CUDA runtime/driver, cuDNN."""
+    info: dict[str, Any] = {"index": index, "driver_version": nvidia_driver_version(),
+                            "cuda_driver_api": cuda_driver_api_version()}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(index)
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            total_memory_bytes=int(props.total_memory),
+            cuda_runtime=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        )
+    return info
