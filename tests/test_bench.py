@@ -7,6 +7,7 @@ clock's sums are exact in floating point.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -15,7 +16,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lrdeploy.errors import UserError
-from lrdeploy.serving.bench import LatencyStats, benchmark, capture_environment, cpu_info
+from lrdeploy.serving.bench import (
+    LatencyStats,
+    benchmark,
+    capture_environment,
+    cpu_info,
+    is_stable,
+    window_spread,
+)
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 
 
@@ -236,3 +244,168 @@ def test_real_ort_smoke(tmp_path):
         assert 0 < res.speedup("other", batch) < float("inf")
     assert res.environment["runtimes"]["dense"]["providers"] == ["CPUExecutionProvider"]
     assert res.environment["threads"] == {"dense": 1, "other": 1}
+
+
+# ------------------------------------------------------------------------------------ stability windows
+STABLE = {"stability_tol": 0.02, "stability_windows": 3}
+
+
+@pytest.mark.parametrize("medians, expected", [
+    ([1.0, 1.0, 1.0], True),
+    ([1.00, 1.01, 0.995], True),  # spread 1.5 % of the median
+    ([5.0, 1.00, 1.01, 1.00], True),  # a cold first window is outside the last three
+    ([1.00, 1.02, 1.04], False),  # steady 2 %/window drift: 4 % spread
+    ([1.000, 1.015, 1.030, 1.045, 1.060], False),  # creeping 1.5 %/window: 3 % over the last three
+    ([1.00, 1.01, 1.02, 1.03], True),  # 1 %/window: 1.9 % over three, within 2 % (drift < tol/2 passes)
+    ([1.0, 1.0], False),  # fewer windows than required
+    ([1.0, 1.3, 1.0], False),
+    ([0.0, 0.0, 0.0], False),
+    ([1.0, float("nan"), 1.0], False),
+])
+def test_is_stable_rule(medians, expected):
+    assert is_stable(medians, tol=0.02, windows=3) is expected
+
+
+def test_is_stable_arguments_and_spread():
+    assert is_stable([1.0, 1.0], tol=0.0, windows=2)
+    assert window_spread([1.0, 1.1, 1.05]) == pytest.approx(0.1 / 1.05)
+    with pytest.raises(ValueError):
+        is_stable([1.0, 1.0], windows=1)
+    with pytest.raises(ValueError):
+        is_stable([1.0, 1.0, 1.0], tol=-0.1)
+
+
+def test_harness_stops_early_when_windows_agree():
+    clock, log = FakeClock(), []
+    rts = {"ref": FakeRuntime("ref", clock, _const(2 / 256), log),
+           "cand": FakeRuntime("cand", clock, _const(1 / 256), log)}
+    res = benchmark(rts, (1,), batch_sizes=(1, 4), min_runs=4, rounds=3, time_limit_s=100.0, clock=clock,
+                    **STABLE, **QUICK)
+    for batch in (1, 4):
+        b = res.batches[batch]
+        assert (b.rounds, b.stop_reason, b.stable) == (3, "stable", True)
+        assert b.stability["cand"].window_medians_ms == pytest.approx([1000 / 256] * 3)
+        assert b.stability["ref"].spread == 0.0 and b.elapsed_s < 1.0
+    assert clock.t < 1.0  # nowhere near the 2 × 100 s limit
+    d = res.to_dict()["batches"]["1"]
+    assert d["stable"] is True and d["stability"]["ref"]["window_medians_ms"] == pytest.approx([7.8125] * 3)
+    assert res.settings["stability"]["tolerance"] == 0.02
+
+
+def test_harness_runs_to_the_time_limit_on_a_drifting_machine():
+    clock, log = FakeClock(), []
+
+    def drifting(base: float) -> Callable[[int], float]:
+        return lambda i: base * (1 + clock.t / 2)  # 50 % slower per elapsed second: never settles
+
+    rts = {"ref": FakeRuntime("ref", clock, drifting(2 / 256), log),
+           "cand": FakeRuntime("cand", clock, drifting(1 / 256), log)}
+    res = benchmark(rts, (1,), batch_sizes=(1,), min_runs=8, rounds=3, time_limit_s=2.0, clock=clock,
+                    **STABLE, **QUICK)
+    b = res.batches[1]
+    assert b.stop_reason == "time_limit" and not b.stable
+    assert b.rounds > 3 and b.elapsed_s >= 2.0
+    assert b.elapsed_s < 2.0 + 2 * 8 * 0.2  # stopped after the round that crossed the limit
+    medians = b.stability["ref"].window_medians_ms
+    assert len(medians) == b.rounds and medians == sorted(medians)  # the drift is visible in the report
+    assert not b.stability["cand"].stable and b.stability["cand"].spread > 0.02
+    # paired ratios stay near 2 despite the drift (each block pair sees almost the same machine)
+    assert b.speedup["cand"] == pytest.approx(2.0, rel=0.15)
+
+
+def test_max_rounds_caps_an_unstable_run():
+    clock, log = FakeClock(), []
+    noisy = [(1 + (i // 4) % 2) / 256 for i in range(10_000)]  # blocks alternate 1x / 2x
+    rts = {"a": FakeRuntime("a", clock, noisy, log)}
+    res = benchmark(rts, (1,), batch_sizes=(1,), min_runs=4, rounds=3, time_limit_s=1e9, max_rounds=7,
+                    clock=clock, **STABLE, **QUICK)
+    assert (res.batches[1].rounds, res.batches[1].stop_reason) == (7, "max_rounds")
+
+
+def test_without_a_tolerance_the_round_count_is_fixed():
+    clock, log = FakeClock(), []
+    rts = {"a": FakeRuntime("a", clock, _const(1 / 256), log)}
+    res = benchmark(rts, (1,), batch_sizes=(1,), min_runs=2, rounds=5, clock=clock, **QUICK)
+    b = res.batches[1]
+    assert (b.rounds, b.stop_reason, b.stable) == (5, "rounds", None)  # None: not checked
+    assert b.stability["a"].tolerance is None and b.stability["a"].stable is None
+    assert res.settings["stability"] is None and res.to_dict()["batches"]["1"]["stable"] is None
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"stability_tol": -0.01}, {"stability_tol": float("nan")},
+    {"stability_tol": 0.02, "stability_windows": 1},
+    {"stability_tol": 0.02, "time_limit_s": None, "max_rounds": None},
+    {"stability_tol": 0.02, "time_limit_s": 0.0}, {"stability_tol": 0.02, "max_rounds": 2},
+])
+def test_bad_stability_settings_are_user_errors(kwargs):
+    clock = FakeClock()
+    with pytest.raises(UserError):
+        benchmark({"a": FakeRuntime("a", clock, _const(0.01), [])}, (1,), rounds=3, progress=False,
+                  clock=clock, **kwargs)
+
+
+def test_tail_speedups_are_paired_per_round():
+    """p90 speed-up = median over rounds of (reference block p90 / candidate block p90), exactly."""
+    clock, log = FakeClock(), []
+    # every block has 10 calls: nine of 1 unit and one slow call; the reference's slow call is 11 units,
+    # the candidate's 3 units, so block p90 = 1 + 0.1·(slow − 1) (numpy linear interpolation at rank 8.1)
+    ref_block = [1 / 256] * 9 + [11 / 256]
+    cand_block = [1 / 256] * 9 + [3 / 256]
+    ref = FakeRuntime("ref", clock, [1 / 256] + ref_block * 3, log)  # first call: warm-up
+    cand = FakeRuntime("cand", clock, [1 / 256] + cand_block * 3, log)
+    res = benchmark({"ref": ref, "cand": cand}, (1,), batch_sizes=(1,), min_runs=10, rounds=3, clock=clock,
+                    **QUICK)
+    b = res.batches[1]
+    assert b.speedup_at["p90"]["cand"] == pytest.approx(2.0 / 1.2)
+    assert b.round_ratios_at["p90"]["cand"] == pytest.approx([2.0 / 1.2] * 3)
+    p99_ref, p99_cand = 1 + 0.91 * 10, 1 + 0.91 * 2
+    assert res.speedup("cand", 1, "p99") == pytest.approx(p99_ref / p99_cand)
+    assert res.speedup("cand", 1) == 1.0 == b.speedup_at["median"]["cand"]
+    assert res.to_dict()["batches"]["1"]["speedup_at"]["p90"]["ref"] == 1.0
+
+
+def test_memory_is_recorded_per_runtime_and_batch():
+    clock, log = FakeClock(), []
+    rts = {n: FakeRuntime(n, clock, _const(1 / 256), log) for n in ("a", "b")}
+    res = benchmark(rts, (1,), batch_sizes=(1, 2), min_runs=2, rounds=1, clock=clock, **QUICK)
+    for batch in (1, 2):
+        mem = res.batches[batch].memory
+        assert set(mem) == {"a", "b"}
+        assert mem["a"]["rss_method"] in ("VmHWM", "ru_maxrss") and mem["a"]["peak_rss_bytes"] > 0
+        assert "warmup_rss_growth_bytes" in mem["a"] and "cuda_peak_allocated_bytes" not in mem["a"]
+    off = benchmark(rts, (1,), batch_sizes=(1,), min_runs=2, rounds=1, clock=clock, memory=False, **QUICK)
+    assert off.batches[1].memory == {} and off.settings["memory"] is None
+
+
+def test_device_runtimes_get_their_input_staged_before_warm_up():
+    clock, log = FakeClock(), []
+
+    class Staged(FakeRuntime):
+        def stage(self, x: np.ndarray) -> None:
+            self.log.append((f"stage:{self.name}", len(x)))
+
+    rts = {"a": Staged("a", clock, _const(1 / 256), log), "b": FakeRuntime("b", clock, _const(1 / 256), log)}
+    benchmark(rts, (1,), batch_sizes=(1, 2), min_runs=2, rounds=1, clock=clock, **QUICK)
+    assert [e for e in log if e[0].startswith("stage")] == [("stage:a", 1), ("stage:a", 2)]
+    assert log.index(("stage:a", 2)) < log.index(("a", 2))
+
+
+def test_gpu_info(monkeypatch):
+    import lrdeploy.serving.bench as bench_mod
+
+    monkeypatch.setattr(bench_mod, "nvidia_driver_version", lambda: None)
+    if "torch" not in sys.modules:
+        assert bench_mod.gpu_info() is None
+    monkeypatch.setattr(bench_mod, "nvidia_driver_version", lambda: "550.54.15")
+    info = bench_mod.gpu_info()
+    assert info is not None and info["driver"] == "550.54.15"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert info["cuda_available"] is False and info["devices"] == []
+        monkeypatch.setattr(bench_mod, "nvidia_driver_version", lambda: None)
+        assert bench_mod.gpu_info() is None  # torch imported, no driver, no CUDA: nothing to report
+    else:  # pragma: no cover - GPU machines
+        assert info["devices"] and info["devices"][0]["name"]
+    assert "gpu" in capture_environment()
