@@ -1,28 +1,46 @@
-"""Compare reports: a Rich table for people, an atomically written JSON file for programs.
+"""Compare reports: a Rich table and Markdown for people, atomically written JSON for programs, and the plot
+(:mod:`lrdeploy.serving.plot`); several runs merged into one summary (``lrdeploy report``).
 
 JSON schema of the compare report (``schema: "lrdeploy.compare/1"``). The CLI builds this dict; every
 top-level part except ``schema`` is optional, and the renderer shows what is there. Unknown extra keys are
 allowed and kept (readers must ignore what they do not know). Non-finite floats are written as ``null``.
+Keys marked (+) were added after the first release of /1; they are additions only (no key changed meaning
+or shape), so the schema name stays ``lrdeploy.compare/1``.
 
     {
       "schema": "lrdeploy.compare/1",
       "created": "2026-11-25T10:00:00+00:00",          # UTC ISO time, optional
       "command": "lrdeploy compare ...",                # how it was produced, optional
+      "lrdeploy_version": "0.1.0",
       "reference": {                                    # model summary (all keys optional)
-        "name": "lenet5-dense", "path": "runs/dense/model.onnx", "runtime": "ort-cpu",
+        "name": "dense",                                # (+) file stem / bundle directory name
+        "label": "dense", "source": "runs/dense.onnx", "kind": "onnx" | "bundle", "runtime": "ort-cpu",
         "params": 61706, "flops": 845000,               # FLOPs per sample (2·MAC)
-        "size_bytes": 247000, "method": "dense", ...
+        "onnx_bytes": 247000, "weights_bytes": ..., "method": "dense", "model": "lenet5",
+        "onnx_checker": "failed (...); run by ORT anyway"   # (+) only when the ONNX checker objected
       },
       "candidate": { ...same keys as reference... },
       "parity": {                                       # serving.parity.output_parity(ref_out, cand_out)
-        "shape": [N, C], "max_abs": float, "mean_abs": float, "p99_abs": float,
-        "rel_l2": float, "cosine": float, "top1_agreement": float | null,
+        "shape": [N, C], "elements": int,              # (+) elements
+        "max_abs", "mean_abs", "median_abs" (+), "p99_abs": float,
+        "max_rel", "mean_rel", "median_rel", "p99_rel": float,   # (+) elementwise, near-zero safe
+        "rel_floor": float, "reference_rms": float,     # (+) the floor of the relative error
+        "max_row_rel", "mean_row_rel", "median_row_rel", "p99_row_rel": float,   # (+) per sample
+        "rel_l2": float, "cosine": float,
+        "top1_agreement": float | null, "top5_agreement": float | null,   # (+) top5
         "nonfinite": {"reference": int, "candidate": int},
-        "samples": N, "precision": "fp32", "failures": [str, ...]   # optional, set by the caller
+        "output": "output",                             # (+) output name
+        # set when a precision preset judged it (compare --precision):
+        "precision": "fp16", "tolerance": {...serving.parity.Tolerance...} (+), "failures": [str, ...],
+        "passed": bool (+)
       },
-      "accuracy": {                                     # task metric on real data
+      "accuracy": {                                     # task metric on real data (classifiers)
         "dataset": "mnist", "split": "test", "samples": 10000,
         "reference": 0.991, "candidate": 0.987, "delta": -0.004   # fractions in [0, 1]
+      },
+      "task": {                                         # (+) task metrics of non-classifiers (translation)
+        "task": "translation", "dataset": "multi30k", "split": "test", "samples": 1000, "languages": "de-en",
+        "reference": {"loss", "perplexity", "token_accuracy", "bleu"}, "candidate": {...}, "delta": {...}
       },
       "latency": {                                      # keyed by batch size (string in JSON)
         "1":  {"reference": LatencyStats, "candidate": LatencyStats, "speedup": 1.93,
@@ -32,6 +50,7 @@ allowed and kept (readers must ignore what they do not know). Non-finite floats 
       # LatencyStats = {"batch_size", "runs", "total_s", "median_ms", "p90_ms", "p99_ms", "mean_ms",
       #                 "min_ms", "max_ms", "std_ms", "throughput" (samples/s)}
       # speedup = median over rounds of (reference block median / candidate block median)
+      "profile": {runtime: {op type: ms}},             # (+) optional, per-operator totals (profile_totals)
       "environment": {                                  # serving.bench.capture_environment(...)
         "cpu_model", "logical_cpus", "available_cpus", "physical_cores", "cpu_flags", "machine",
         "platform", "python", "versions": {pkg: version}, "thread_env", "loadavg", "loadavg_end",
@@ -42,12 +61,20 @@ allowed and kept (readers must ignore what they do not know). Non-finite floats 
         "failures": [str, ...],                         # alternatively (or also): what missed, in words
         ...limits as given...,
         "passed": bool
-      }
+      },
+      "golden": {"path", "samples", "precision"},       # (+) when --save-golden wrote a golden set
+      "notes": [str, ...],                              # (+) what was not measured, and why
+      "verdict": {"passed": bool, "failures": [str]}    # (+) budget misses + parity misses, prefixed
     }
 
 ``latency_section(bench)`` builds the ``latency`` part from a ``serving.bench.BenchResult``; use
 ``bench.environment`` for ``environment``. For robustness the renderer also accepts a whole
 ``BenchResult.to_dict()`` under ``latency`` and converts it.
+
+Files: ``write_reports(report, DIR)`` writes ``report.json``, ``report.md`` (:func:`render_markdown`, the
+same rows as the table) and ``plot.png``. ``merge_reports`` turns several reports into one summary
+(``lrdeploy.summary/1``, documented there); ``write_summary`` writes ``summary.json``, ``report.md``,
+``plot.png``. A golden check result (``lrdeploy.check/1``) is rendered by :func:`render_check_table`.
 """
 
 from __future__ import annotations
@@ -55,8 +82,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import statistics
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +121,17 @@ def jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, bool)):
         return obj
     return str(obj)
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """How this process was invoked, as a user would type it (``lrdeploy compare …``, not the path of
+    ``__main__.py`` that ``python -m lrdeploy`` puts in ``argv[0]``)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return ""
+    head = Path(argv[0]).name
+    prog = "lrdeploy" if head in ("lrdeploy", "__main__.py", "-m") else argv[0]
+    return " ".join([prog, *(shlex.quote(a) for a in argv[1:])])
 
 
 def write_json(path: str | Path, report: Any) -> Path:
@@ -239,11 +279,31 @@ def _title_name(summary: Mapping[str, Any], default: str) -> str:
     for key in ("name", "model", "label"):
         if summary.get(key):
             return str(summary[key])
-    return default
+    source = summary.get("source") or summary.get("path")
+    return Path(str(source)).stem if source else default
 
 
-def render_compare_table(report: Mapping[str, Any]) -> Table:
-    """One table: model summary, accuracy, latency per batch, parity, budget. Missing parts are skipped."""
+class _Rows:
+    """Rows grouped in named sections; the Rich table and the Markdown report are both drawn from it, so
+    the two always show the same numbers. Has the two ``Table`` methods the row builders call."""
+
+    def __init__(self) -> None:
+        self.sections: list[tuple[str, list[tuple[Any, ...]]]] = []
+
+    def begin(self, name: str) -> None:
+        self.sections.append((name, []))
+
+    def add_row(self, *cells: Any) -> None:
+        if not self.sections:
+            self.begin("")
+        self.sections[-1][1].append(cells)
+
+    def add_section(self) -> None:  # sections are opened by ``begin``
+        pass
+
+
+def _compare_rows(report: Mapping[str, Any]) -> tuple[str, str | None, _Rows]:
+    """Title, environment caption and the rows of a compare report (missing parts are skipped)."""
     ref, cand = _d(report, "reference"), _d(report, "candidate")
     title = "lrdeploy compare"
     if ref or cand:
@@ -254,21 +314,38 @@ def render_compare_table(report: Mapping[str, Any]) -> Table:
         environment = environment or _d(latency, "environment")
         latency = latency_section(latency)
     environment = environment or _d(_d(report, "benchmark"), "environment")
-    table = Table(title=title, caption=_environment_caption(environment), show_lines=False)
+    rows = _Rows()
+    for name, build in (
+        ("Models", lambda: _summary_rows(rows, ref, cand)),
+        ("Accuracy", lambda: _accuracy_rows(rows, _d(report, "accuracy"))),
+        ("Task metrics", lambda: _task_rows(rows, _d(report, "task"))),
+        ("Latency", lambda: _latency_rows(rows, latency)),
+        ("Parity", lambda: _parity_rows(rows, _d(report, "parity"))),
+        ("Budget", lambda: _budget_rows(rows, _d(report, "budget"))),
+    ):
+        rows.begin(name)
+        build()
+    return title, _environment_caption(environment), rows
+
+
+def render_compare_table(report: Mapping[str, Any]) -> Table:
+    """One table: model summary, accuracy, latency per batch, parity, budget. Missing parts are skipped."""
+    title, caption, rows = _compare_rows(report)
+    table = Table(title=title, caption=caption, show_lines=False)
     table.add_column("", style="bold")
     table.add_column("reference", justify="right")
     table.add_column("candidate", justify="right")
     table.add_column("change", justify="right")
-
-    _summary_rows(table, ref, cand)
-    _accuracy_rows(table, _d(report, "accuracy"))
-    _latency_rows(table, latency)
-    _parity_rows(table, _d(report, "parity"))
-    _budget_rows(table, _d(report, "budget"))
+    for _, section in rows.sections:
+        if not section:
+            continue
+        for cells in section:
+            table.add_row(*cells)
+        table.add_section()
     return table
 
 
-def _summary_rows(table: Table, ref: Mapping[str, Any], cand: Mapping[str, Any]) -> None:
+def _summary_rows(table: _Rows, ref: Mapping[str, Any], cand: Mapping[str, Any]) -> None:
     if not ref and not cand:
         return
     known = set()
@@ -288,7 +365,7 @@ def _summary_rows(table: Table, ref: Mapping[str, Any], cand: Mapping[str, Any])
     table.add_section()
 
 
-def _accuracy_rows(table: Table, acc: Mapping[str, Any]) -> None:
+def _accuracy_rows(table: _Rows, acc: Mapping[str, Any]) -> None:
     if not acc:
         return
     label = "accuracy"
@@ -313,7 +390,7 @@ def _batch_key(k: Any) -> tuple[int, str]:
         return (1 << 62, str(k))
 
 
-def _latency_rows(table: Table, latency: Mapping[str, Any]) -> None:
+def _latency_rows(table: _Rows, latency: Mapping[str, Any]) -> None:
     if not latency:
         return
     for batch in sorted(latency, key=_batch_key):
@@ -339,28 +416,95 @@ def _latency_rows(table: Table, latency: Mapping[str, Any]) -> None:
     table.add_section()
 
 
-def _parity_rows(table: Table, parity: Mapping[str, Any]) -> None:
+# (statistic, label, formatter, tolerance field, direction); the elementwise gate depends on error_stat
+_PARITY_ROWS: tuple[tuple[str, str, Any, str | None, str], ...] = (
+    ("max_abs", "parity max |Δ|", _sci, "max_abs", "upper"),
+    ("mean_abs", "parity mean |Δ|", _sci, None, ""),
+    ("median_abs", "parity median |Δ|", _sci, None, ""),
+    ("p99_abs", "parity p99 |Δ|", _sci, None, ""),
+    ("rel_l2", "parity rel L2", _sci, "rel_l2", "upper"),
+    ("max_row_rel", "parity worst-sample rel. error", _sci, "row_rel", "upper"),
+    ("median_rel", "parity median elementwise rel.", _sci, None, ""),
+    ("p99_rel", "parity p99 elementwise rel.", _sci, None, ""),
+    ("max_rel", "parity max elementwise rel.", _sci, None, ""),
+    ("cosine", "parity cosine", lambda v: _scalar(_num(v)) if _num(v) is None or _num(v) < 1 - 1e-4
+     else f"{_num(v):.8f}", "cosine", "lower"),
+    ("top1_agreement", "top-1 agreement", _pct, "top1_agreement", "lower"),
+    ("top5_agreement", "top-5 agreement", _pct, "top5_agreement", "lower"),
+)
+
+
+def _limit_text(value: Any, limit: Any, direction: str) -> Text:
+    lim, v = _num(limit), _num(value)
+    if lim is None or not direction:
+        return Text("")
+    ok = v is not None and (v <= lim if direction == "upper" else v >= lim)
+    sign = "≤" if direction == "upper" else "≥"
+    return Text(f"{sign} {lim:g} {'ok' if ok else 'MISS'}", style="green" if ok else "bold red")
+
+
+def _parity_rows(table: _Rows, parity: Mapping[str, Any]) -> None:
     if not parity:
         return
-    rows = (("max_abs", "parity max |Δ|", _sci), ("mean_abs", "parity mean |Δ|", _sci),
-            ("rel_l2", "parity rel L2", _sci), ("cosine", "parity cosine", lambda v: _scalar(_num(v))),
-            ("top1_agreement", "top-1 agreement", _pct))
-    for key, label, fmt in rows:
+    tol = _d(parity, "tolerance")
+    gated = {}
+    for key, _label, _fmt, field, direction in _PARITY_ROWS:
+        if field:
+            gated[key] = (tol.get(field), direction)
+    stat = tol.get("error_stat")
+    if stat and tol.get("rel_err") is not None:
+        gated[f"{stat}_rel"] = (tol.get("rel_err"), "upper")
+    for key, label, fmt, _field, _direction in _PARITY_ROWS:
         if key in parity:
-            table.add_row(label, _NA, fmt(parity[key]), "")
-    nonfinite = _d(parity, "nonfinite").get("candidate")
-    if nonfinite:
-        table.add_row("non-finite outputs", _scalar(_d(parity, "nonfinite").get("reference")),
-                      Text(_scalar(nonfinite), style="bold red"), "")
+            limit, direction = gated.get(key, (None, ""))
+            table.add_row(label, _NA, fmt(parity[key]), _limit_text(parity[key], limit, direction))
+    nonfinite = _d(parity, "nonfinite")
+    if nonfinite.get("candidate") or nonfinite.get("reference"):
+        table.add_row("non-finite outputs", _scalar(nonfinite.get("reference")),
+                      Text(_scalar(nonfinite.get("candidate")), style="bold red"), "")
     failures = parity.get("failures")
     if isinstance(failures, list):
         precision = f" ({parity['precision']})" if parity.get("precision") else ""
         table.add_row(f"parity{precision}", "", "; ".join(map(str, failures)) or "within tolerance",
                       _verdict(not failures))
+    elif parity.get("precision") is None and "rel_l2" in parity:
+        table.add_row("parity", "", "not judged (no --precision preset)", Text(_NA))
     table.add_section()
 
 
-def _budget_rows(table: Table, budget: Mapping[str, Any]) -> None:
+# task metrics of models that are not classifiers: (key, label, formatter, higher is better)
+_TASK_ROWS: tuple[tuple[str, str, Any, bool], ...] = (
+    ("bleu", "BLEU", lambda v: _NA if _num(v) is None else f"{_num(v):.2f}", True),
+    ("perplexity", "perplexity", lambda v: _NA if _num(v) is None else f"{_num(v):.3f}", False),
+    ("token_accuracy", "token accuracy", _pct, True),
+    ("loss", "loss (nats/token)", lambda v: _NA if _num(v) is None else f"{_num(v):.4f}", False),
+)
+
+
+def _task_rows(table: _Rows, task: Mapping[str, Any]) -> None:
+    """The ``task`` section: e.g. translation perplexity/BLEU of reference and candidate."""
+    if not task:
+        return
+    ref, cand = _d(task, "reference"), _d(task, "candidate")
+    where = " ".join(str(task[k]) for k in ("dataset", "split") if task.get(k))
+    n = task.get("samples")
+    suffix = f" ({where}" + (f", n={n:,})" if isinstance(n, int) else ")") if where else ""
+    for key, label, fmt, higher in _TASK_ROWS:
+        if key not in ref and key not in cand:
+            continue
+        r, c = _num(ref.get(key)), _num(cand.get(key))
+        change = Text(_NA)
+        if r is not None and c is not None:
+            d = c - r
+            scale = 100 if key == "token_accuracy" else 1
+            unit = " pp" if key == "token_accuracy" else ""
+            good = d > 0 if higher else d < 0
+            change = Text(f"{scale * d:+.3g}{unit}", style="" if d == 0 else ("green" if good else "red"))
+        table.add_row(f"{label}{suffix}", fmt(ref.get(key)), fmt(cand.get(key)), change)
+    table.add_section()
+
+
+def _budget_rows(table: _Rows, budget: Mapping[str, Any]) -> None:
     if not budget:
         return
     checks, failures = budget.get("checks"), budget.get("failures")
@@ -421,4 +565,508 @@ def render_bench_table(bench: Any) -> Table:
                           _scalar(stats.get("runs")),
                           Text("reference") if name == reference else _speedup_text(speedup), spread_text)
         table.add_section()
+    return table
+
+
+# --------------------------------------------------------------------------------------------- markdown
+def _plain(cell: Any) -> str:
+    text = cell.plain if isinstance(cell, Text) else str(cell)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _produced_line(report: Mapping[str, Any]) -> str:
+    parts = []
+    if report.get("command"):
+        parts.append(f"`{report['command']}`")
+    if report.get("created"):
+        parts.append(f"at {report['created']}")
+    version = report.get("lrdeploy_version")
+    if version:
+        parts.append(f"(lrdeploy {version}, schema {report.get('schema', SCHEMA)})")
+    return ("Produced by " + " ".join(parts) + ".") if parts else ""
+
+
+def render_markdown(report: Mapping[str, Any], plot: str | None = None) -> str:
+    """The compare report as Markdown: the same rows as :func:`render_compare_table`, a section per part,
+    then the verdicts in words and, with ``plot``, the picture (a path relative to the Markdown file)."""
+    title, caption, rows = _compare_rows(report)
+    lines = [f"# {title}", ""]
+    produced = _produced_line(report)
+    if produced:
+        lines += [produced, ""]
+    if caption:
+        lines += [f"Environment: {caption}.", ""]
+    for name, section in rows.sections:
+        if not section:
+            continue
+        lines += [f"## {name}", "", "| | reference | candidate | change |", "|---|---:|---:|---:|"]
+        lines += ["| " + " | ".join(_plain(c) for c in cells) + " |" for cells in section]
+        lines.append("")
+    lines += _profile_markdown(report)
+    notes = report.get("notes")
+    if isinstance(notes, list) and notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    verdicts = _verdict_lines(report)
+    if verdicts:
+        lines += ["## Verdict", "", *verdicts, ""]
+    if plot:
+        lines += ["## Plot", "", f"![latency vs accuracy]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _profile_markdown(report: Mapping[str, Any], top: int = 5) -> list[str]:
+    profile, batch = _report_profile(report)
+    if not profile:
+        return []
+    names = {"dense": _title_name(_d(report, "reference"), "reference"),
+             "candidate": _title_name(_d(report, "candidate"), "candidate")}
+    lines = [f"## Where the time goes (ONNX Runtime profiler{f', batch {batch}' if batch else ''})", "",
+             "| model | kernel time per call | largest operator types (ms per call, share) |",
+             "|---|---:|---|"]
+    for runtime, ops in profile.items():
+        total = sum(ops.values())
+        ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+        parts = ", ".join(f"{op} {ms:.3g} ({ms / total:.0%})" for op, ms in ranked) if total > 0 else _NA
+        lines.append(f"| {_plain(names.get(runtime, runtime))} | {_ms(total)} | {_plain(parts)} |")
+    return [*lines, ""]
+
+
+def _verdict_lines(report: Mapping[str, Any]) -> list[str]:
+    out = []
+    parity = _d(report, "parity")
+    if isinstance(parity.get("failures"), list):
+        fails = parity["failures"]
+        out.append(f"- **parity ({parity.get('precision', '?')} preset)**: "
+                   + ("PASS, every statistic within its limit" if not fails else "FAIL: " + "; ".join(fails)))
+    budget = _d(report, "budget")
+    if "passed" in budget:
+        fails = budget.get("failures") or []
+        out.append("- **budget**: " + ("PASS" if budget.get("passed") else "FAIL")
+                   + (": " + "; ".join(map(str, fails)) if fails else ""))
+    golden = _d(report, "golden")
+    if golden.get("path"):
+        out.append(f"- golden outputs of the reference saved to `{golden['path']}` "
+                   f"({golden.get('samples')} samples, {golden.get('precision')} preset)")
+    return out
+
+
+# ------------------------------------------------------------------------------- several runs, one view
+SUMMARY_SCHEMA = "lrdeploy.summary/1"
+REPORT_FILE, MARKDOWN_FILE, PLOT_FILE = "report.json", "report.md", "plot.png"
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """A compare report from a run directory (its ``report.json``) or a JSON file; bad input: UserError."""
+    from lrdeploy.errors import UserError
+
+    path = Path(path)
+    file = path / REPORT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{path} holds no {REPORT_FILE}" if path.is_dir() else f"{path} does not exist",
+                        "pass run directories written by `lrdeploy compare --out DIR` (or report.json files)")
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{file} is not readable JSON ({exc})") from None
+    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith("lrdeploy.compare/"):
+        raise UserError(f"{file} is not an lrdeploy compare report (schema {report.get('schema')!r})"
+                        if isinstance(report, dict) else f"{file} is not an lrdeploy compare report")
+    return report
+
+
+_UNIT_KEYS = (("total_ms", 1.0), ("time_ms", 1.0), ("ms", 1.0), ("mean_ms", 1.0), ("median_ms", 1.0),
+              ("dur_ms", 1.0), ("total_us", 1e-3), ("time_us", 1e-3), ("us", 1e-3), ("dur_us", 1e-3),
+              ("dur", 1e-3), ("total_s", 1e3), ("seconds", 1e3))
+_OP_KEYS = ("op_type", "op", "type", "kind", "name")
+_OPS_CONTAINERS = ("by_op_type", "op_types", "ops", "per_op", "totals", "operators")
+
+
+def _op_ms(value: Any) -> float | None:
+    if _num(value) is not None:
+        return float(value)
+    if isinstance(value, Mapping):
+        for key, scale in _UNIT_KEYS:
+            if _num(value.get(key)) is not None:
+                return float(value[key]) * scale
+    return None
+
+
+def _ops_table(obj: Any) -> dict[str, float]:
+    """operator → ms from the shapes a profiler may write (mapping, nested mapping, or list of records).
+
+    A mapping that also says how many ``runs`` its totals cover (``serving.profile.profile_onnx``) is
+    divided by them: the chart shows time per call.
+    """
+    if isinstance(obj, Mapping):
+        for key in _OPS_CONTAINERS:
+            if key in obj:
+                table = _ops_table(obj[key])
+                runs = obj.get("runs")
+                if isinstance(runs, int) and not isinstance(runs, bool) and runs > 0:
+                    table = {op: ms / runs for op, ms in table.items()}
+                return table
+        return {str(k): ms for k, v in obj.items() if (ms := _op_ms(v)) is not None}
+    if isinstance(obj, list):
+        out: dict[str, float] = {}
+        for rec in obj:
+            if not isinstance(rec, Mapping):
+                continue
+            op = next((str(rec[k]) for k in _OP_KEYS if rec.get(k)), None)
+            ms = _op_ms(rec)
+            if op is not None and ms is not None:
+                out[op] = out.get(op, 0.0) + ms
+        return out
+    return {}
+
+
+def _per_batch(value: Any) -> dict[str, Any] | None:
+    """``{"1": profile, "32": profile}`` (``lrdeploy bench --profile``) → that dict; else None."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    if all(str(k).isdigit() and isinstance(v, Mapping) for k, v in value.items()):
+        return {str(k): v for k, v in value.items()}
+    return None
+
+
+def profile_totals(profile: Any, batch: Any = None) -> dict[str, dict[str, float]]:
+    """Normalise a per-operator profile to ``{runtime or model: {operator type: ms per call}}``.
+
+    Accepts what ``lrdeploy bench --profile`` / ``compare --profile`` write (``{name: {batch: profile_onnx
+    dict}}``, ``{name: {"available": false, ...}}`` skipped), ``{name: {op: ms}}``, ``{name: {"by_op_type" |
+    "ops" | …: …}}``, ``{name: [{"op_type", "total_ms" | "total_us" | "dur" …}, …]}``, optionally wrapped
+    in ``{"runtimes": …}``. ``batch`` picks a batch size where there are several (default: the smallest).
+    Anything unrecognised gives ``{}``: a profile is an optional extra, never a reason to fail a report.
+    """
+    return _profile_and_batch(profile, batch)[0]
+
+
+def _profile_and_batch(profile: Any, batch: Any = None) -> tuple[dict[str, dict[str, float]], str | None]:
+    if not isinstance(profile, Mapping):
+        return {}, None
+    if isinstance(profile.get("runtimes"), Mapping):
+        profile = profile["runtimes"]
+    out, used = {}, None
+    for name, value in profile.items():
+        if isinstance(value, Mapping) and value.get("available") is False:
+            continue
+        batches = _per_batch(value)
+        if batches is not None:
+            key = str(batch) if batch is not None and str(batch) in batches else min(batches, key=int)
+            value, used = batches[key], key
+        ops = _ops_table(value)
+        if ops:
+            out[str(name)] = ops
+    if used is None and isinstance(profile.get("batch_size"), int):
+        used = str(profile["batch_size"])
+    return out, used
+
+
+def _report_profile(report: Mapping[str, Any]) -> tuple[dict[str, dict[str, float]], Any]:
+    for holder in (report, _d(report, "latency"), _d(report, "benchmark")):
+        prof = holder.get("profile") if isinstance(holder, Mapping) else None
+        if prof:
+            return _profile_and_batch(prof)
+    return {}, None
+
+
+def _model_name(summary: Mapping[str, Any], fallback: str) -> str:
+    for key in ("name", "label"):
+        if summary.get(key) and summary.get(key) not in ("dense", "candidate", "reference"):
+            return str(summary[key])
+    source = summary.get("source") or summary.get("path")
+    if source:
+        return Path(str(source)).stem or Path(str(source)).name
+    return str(summary.get("label") or fallback)
+
+
+def merge_reports(reports: Sequence[Mapping[str, Any]],
+                  sources: Sequence[str] | None = None) -> dict[str, Any]:
+    """One summary of several compare runs: each model once (the same file in two runs is one model).
+
+    Schema ``lrdeploy.summary/1``::
+
+        {"schema", "runs": [{"source", "created", "command", "reference", "candidate"}],
+         "dataset": "mnist test, n=10,000",
+         "models": [{"name", "role": "reference"|"candidate", "source", "model", "method", "kind", "params",
+                     "flops", "onnx_bytes", "accuracy", "task": {...}, "vs": reference name,
+                     "latency": {batch: {"median_ms", "p90_ms", "p99_ms", "throughput"}},
+                     "speedup": {batch: float}, "parity": {"precision", "passed", "rel_l2", "top1_agreement",
+                     "failures"}, "budget_passed", "runs": [run indices]}],
+         "profile": {model name: {operator: ms}}, "profile_batch", "caption"}
+
+    A model measured in several runs gets the median of its per-run latencies and speed-ups (its own run's
+    paired ratio against that run's reference); a reference is listed with speed-up 1.
+    """
+    runs: list[dict[str, Any]] = []
+    by_key: dict[str, dict[str, Any]] = {}
+    samples: dict[str, dict[str, dict[str, list[float]]]] = {}
+    speedups: dict[str, dict[str, list[float]]] = {}
+    profile: dict[str, dict[str, float]] = {}
+    profile_batch = None
+    caption = None
+    datasets = []
+    for index, report in enumerate(reports):
+        source = sources[index] if sources else None
+        names = {}
+        for role in ("reference", "candidate"):
+            summary = _d(report, role)
+            if not summary:
+                continue
+            key = str(summary.get("source") or summary.get("path") or _model_name(summary, role))
+            entry = by_key.get(key)
+            if entry is None:
+                entry = _new_model_entry(summary, role)
+                by_key[key] = entry
+                samples[key], speedups[key] = {}, {}
+            elif role == "reference":
+                entry["role"] = "reference"
+            entry["runs"].append(index)
+            names[role] = key
+            _fill_quality(entry, report, role)
+            for batch, lat in _d(report, "latency").items():
+                if not isinstance(lat, Mapping):
+                    continue
+                stats = _d(lat, role)
+                per_batch = samples[key].setdefault(str(batch), {})
+                for stat in ("median_ms", "p90_ms", "p99_ms", "throughput"):
+                    if _num(stats.get(stat)) is not None:
+                        per_batch.setdefault(stat, []).append(float(stats[stat]))
+                ratio = 1.0 if role == "reference" else _num(lat.get("speedup"))
+                if ratio is not None:
+                    speedups[key].setdefault(str(batch), []).append(ratio)
+        if "candidate" in names and "reference" in names:
+            by_key[names["candidate"]]["vs_key"] = names["reference"]
+        prof, batch = _report_profile(report)
+        for runtime, ops in prof.items():
+            role = "reference" if runtime in ("dense", "reference") else (
+                "candidate" if runtime in ("candidate",) else None)
+            key = names.get(role) if role else None
+            profile[by_key[key]["name"] if key else runtime] = ops
+        profile_batch = profile_batch or batch
+        caption = caption or _environment_caption(_d(report, "environment"))
+        acc = _d(report, "accuracy") or _d(report, "task")
+        if acc.get("dataset"):
+            n = acc.get("samples")
+            datasets.append(" ".join(str(acc[k]) for k in ("dataset", "split") if acc.get(k))
+                            + (f", n={n:,}" if isinstance(n, int) else ""))
+        runs.append({"source": source, "created": report.get("created"), "command": report.get("command"),
+                     "reference": _model_name(_d(report, "reference"), "reference"),
+                     "candidate": _model_name(_d(report, "candidate"), "candidate")})
+
+    _unique_names(list(by_key.values()))
+    models = []
+    for key, entry in by_key.items():
+        entry["latency"] = {b: {s: float(statistics.median(v)) for s, v in st.items()}
+                            for b, st in sorted(samples[key].items(), key=lambda kv: _batch_key(kv[0]))}
+        entry["speedup"] = {b: float(statistics.median(v)) for b, v in speedups[key].items()}
+        vs = entry.pop("vs_key", None)
+        entry["vs"] = by_key[vs]["name"] if vs else None
+        models.append(entry)
+    models.sort(key=lambda m: (m["role"] != "reference", m["runs"][0]))
+    dataset = ", ".join(dict.fromkeys(datasets)) if datasets else None
+    return {"schema": SUMMARY_SCHEMA, "runs": runs, "dataset": dataset, "models": models,
+            "profile": profile, "profile_batch": profile_batch, "caption": caption}
+
+
+def _new_model_entry(summary: Mapping[str, Any], role: str) -> dict[str, Any]:
+    return {
+        "name": _model_name(summary, role),
+        "role": role,
+        "source": summary.get("source") or summary.get("path"),
+        "model": summary.get("model"),
+        "method": summary.get("method"),
+        "kind": summary.get("kind"),
+        "params": summary.get("params"),
+        "flops": summary.get("flops"),
+        "onnx_bytes": summary.get("onnx_bytes", summary.get("size_bytes")),
+        "accuracy": None,
+        "task": {},
+        "parity": None,
+        "budget_passed": None,
+        "runs": [],
+    }
+
+
+def _fill_quality(entry: dict[str, Any], report: Mapping[str, Any], role: str) -> None:
+    acc = _num(_d(report, "accuracy").get(role))
+    if acc is not None and entry["accuracy"] is None:
+        entry["accuracy"] = acc
+    task = _d(_d(report, "task"), role)
+    if task and not entry["task"]:
+        entry["task"] = dict(task)
+    if role == "candidate":
+        parity = _d(report, "parity")
+        if parity:
+            entry["parity"] = {k: parity.get(k) for k in ("precision", "passed", "rel_l2", "max_row_rel",
+                                                          "top1_agreement", "failures") if k in parity}
+        budget = _d(report, "budget")
+        if "passed" in budget:
+            entry["budget_passed"] = bool(budget["passed"])
+
+
+def _unique_names(entries: list[dict[str, Any]]) -> None:
+    """Two different files called model.onnx in two run directories: tell them apart by their directory."""
+    seen: dict[str, int] = {}
+    for e in entries:
+        seen[e["name"]] = seen.get(e["name"], 0) + 1
+    for e in entries:
+        if seen[e["name"]] > 1 and e.get("source"):
+            parent = Path(str(e["source"])).parent.name
+            e["name"] = f"{e['name']} ({parent})" if parent else e["name"]
+    counts: dict[str, int] = {}
+    for e in entries:  # still equal (same directory names): number them
+        counts[e["name"]] = counts.get(e["name"], 0) + 1
+        if counts[e["name"]] > 1:
+            e["name"] = f"{e['name']} #{counts[e['name']]}"
+
+
+def _summary_columns(summary: Mapping[str, Any], tails: bool = True) -> tuple[list[str], list[list[Any]]]:
+    models = summary.get("models") or []
+    batches = sorted({b for m in models for b in (m.get("latency") or {})}, key=_batch_key)
+    has_task = any(m.get("task") for m in models)
+    header = ["model", "role", "params", "accuracy"]
+    if has_task:
+        header += ["BLEU", "perplexity"]
+    for b in batches:
+        header += [f"b{b} median", *([f"b{b} p99"] if tails else []), f"b{b} speed-up"]
+    header += ["parity", "budget"]
+    rows = []
+    for m in models:
+        row: list[Any] = [str(m.get("name")), str(m.get("role")), _scalar(m.get("params")),
+                          _pct(m.get("accuracy"))]
+        if has_task:
+            task = m.get("task") or {}
+            row += [_NA if _num(task.get("bleu")) is None else f"{task['bleu']:.2f}",
+                    _NA if _num(task.get("perplexity")) is None else f"{task['perplexity']:.3f}"]
+        for b in batches:
+            lat = (m.get("latency") or {}).get(b) or {}
+            row += [_ms(lat.get("median_ms")), *([_ms(lat.get("p99_ms"))] if tails else [])]
+            row.append(Text("reference") if m.get("role") == "reference"
+                       else _speedup_text((m.get("speedup") or {}).get(b)))
+        parity = m.get("parity") or {}
+        if "passed" in parity:
+            row.append(Text(f"{'PASS' if parity['passed'] else 'FAIL'} ({parity.get('precision')})",
+                            style="bold green" if parity["passed"] else "bold red"))
+        elif parity:
+            row.append(f"rel L2 {_sci(parity.get('rel_l2'))}")
+        else:
+            row.append(_NA)
+        row.append(_verdict(m.get("budget_passed")))
+        rows.append(row)
+    return header, rows
+
+
+def render_summary_table(summary: Mapping[str, Any]) -> Table:
+    """Every model of every run in one table (see :func:`merge_reports`); p99 columns are in the Markdown."""
+    header, rows = _summary_columns(summary, tails=False)
+    title = "lrdeploy report"
+    if summary.get("dataset"):
+        title += f": {summary['dataset']}"
+    table = Table(title=title, caption=summary.get("caption"))
+    for col in header:
+        table.add_column(col, justify="left" if col in ("model", "role") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def render_summary_markdown(summary: Mapping[str, Any], plot: str | None = None) -> str:
+    header, rows = _summary_columns(summary)
+    lines = ["# lrdeploy report" + (f": {summary['dataset']}" if summary.get("dataset") else ""), ""]
+    runs = summary.get("runs") or []
+    if runs:
+        lines += [f"{len(runs)} run(s) merged:", ""]
+        for i, run in enumerate(runs):
+            lines.append(f"{i + 1}. {run.get('reference')} vs {run.get('candidate')}"
+                         + (f" — `{run['source']}`" if run.get("source") else "")
+                         + (f", {run['created']}" if run.get("created") else ""))
+        lines.append("")
+    if summary.get("caption"):
+        lines += [f"Environment (first run): {summary['caption']}.", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" if h in ("model", "role") else "---:" for h in header) + "|")
+    lines += ["| " + " | ".join(_plain(c) for c in row) + " |" for row in rows]
+    lines += ["", "Speed-up: median over rounds of the paired (reference / candidate) median latency, "
+              "against the reference of the candidate's own run; a model measured in several runs shows the "
+              "median of its runs.", ""]
+    if plot:
+        lines += [f"![latency vs accuracy]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _write_plot(figure_of: Any, data: Mapping[str, Any], path: Path) -> Path | None:
+    """Draw and save the plot; a missing matplotlib costs the picture only, not the report."""
+    try:
+        from .plot import save_figure
+
+        return save_figure(figure_of(data), path)
+    except ImportError:  # pragma: no cover - matplotlib is a dependency; be kind if it is absent anyway
+        return None
+
+
+def write_reports(report: Mapping[str, Any], out_dir: str | Path, *, plot: bool = True) -> dict[str, Path]:
+    """``report.json``, ``report.md`` and ``plot.png`` in ``out_dir`` (each written atomically)."""
+    from .plot import plot_report
+
+    out = Path(out_dir)
+    _check_out_dir(out)
+    files = {"json": write_json(out / REPORT_FILE, report)}
+    png = _write_plot(plot_report, report, out / PLOT_FILE) if plot else None
+    if png is not None:
+        files["plot"] = png
+    md = render_markdown(report, plot=PLOT_FILE if png is not None else None)
+    atomic.write_text(out / MARKDOWN_FILE, md)
+    files["markdown"] = out / MARKDOWN_FILE
+    return files
+
+
+def write_summary(summary: Mapping[str, Any], out_dir: str | Path, *, plot: bool = True) -> dict[str, Path]:
+    """``summary.json``, ``report.md`` and ``plot.png`` of merged runs in ``out_dir``."""
+    from .plot import plot_summary
+
+    out = Path(out_dir)
+    _check_out_dir(out)
+    files = {"json": write_json(out / "summary.json", summary)}
+    png = _write_plot(plot_summary, summary, out / PLOT_FILE) if plot else None
+    if png is not None:
+        files["plot"] = png
+    atomic.write_text(out / MARKDOWN_FILE, render_summary_markdown(summary, PLOT_FILE if png else None))
+    files["markdown"] = out / MARKDOWN_FILE
+    return files
+
+
+def _check_out_dir(out: Path) -> None:
+    from lrdeploy.errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory", "give a directory for the report files")
+
+
+def render_check_table(result: Mapping[str, Any]) -> Table:
+    """The result of a golden check (``lrdeploy.check/1``): accuracy on the golden inputs, then per output
+    every parity statistic with its limit and verdict."""
+    rows = _Rows()
+    rows.begin("Accuracy")
+    _accuracy_rows(rows, _d(result, "accuracy"))
+    for name, parity in _d(result, "outputs").items():
+        rows.begin(f"output {name}")
+        _parity_rows(rows, parity if isinstance(parity, Mapping) else {})
+    golden = _d(result, "golden")
+    cand = _d(result, "candidate")
+    title = f"lrdeploy check: {_title_name(cand, 'candidate')} against golden {golden.get('path', '?')}"
+    ref = _d(golden, "reference")
+    caption = (f"golden outputs of {_title_name(ref, 'the reference')}, saved {golden.get('created', '?')}; "
+               f"preset {result.get('precision')}")
+    table = Table(title=title, caption=caption)
+    columns = (("", "left"), ("golden", "right"), ("candidate", "right"), ("limit / change", "right"))
+    for col, justify in columns:
+        table.add_column(col, justify=justify, style="bold" if not col else None)
+    for _, section in rows.sections:
+        for cells in section:
+            table.add_row(*cells)
+        if section:
+            table.add_section()
+    verdict = Text("PASS", style="bold green") if result.get("passed") else Text("FAIL", style="bold red")
+    failures = "; ".join(map(str, result.get("failures") or []))
+    table.add_row("verdict", "", failures or "every statistic within its limit", verdict)
     return table

@@ -1,4 +1,5 @@
-"""Parity statistics against hand-computed answers, and batched runs through a real ORT session."""
+"""Parity statistics against hand-computed answers, the precision presets on a real model converted to fp16
+(accepted) and corrupted (rejected), and batched runs through a real ORT session."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ from onnx import TensorProto, helper
 
 from lrdeploy.errors import UserError
 from lrdeploy.serving.parity import (
+    REL_FLOOR,
     TOLERANCES,
+    Tolerance,
     accuracy,
     check_tolerance,
+    get_tolerance,
+    judge,
     output_parity,
     run_batched,
+    tolerance_with,
     top1_agreement,
+    topk_agreement,
 )
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 
@@ -151,3 +158,146 @@ def test_run_batched_through_ort(tmp_path):
     assert y.shape == (37, 5)
     assert p["rel_l2"] < 1e-6 and p["top1_agreement"] == 1.0
     assert accuracy(y, x.argmax(axis=1)) == 1.0
+
+
+# --- the statistics beyond max/mean -------------------------------------------------------------------------
+
+
+def test_median_and_p99_on_known_arrays():
+    ref = np.arange(1.0, 101.0)  # 1 .. 100
+    cand = ref + ref / 100.0  # |Δ_i| = i / 100
+    p = output_parity(ref, cand)
+    assert p["max_abs"] == pytest.approx(1.0)
+    assert p["mean_abs"] == pytest.approx(0.505)
+    assert p["median_abs"] == pytest.approx(0.505)
+    assert p["p99_abs"] == pytest.approx(np.percentile(ref / 100.0, 99))  # numpy's linear interpolation
+    assert p["p99_abs"] == pytest.approx(0.9901)
+    floor = REL_FLOOR * math.sqrt(np.mean(ref**2))
+    rel = (ref / 100.0) / (ref + floor)
+    assert p["rel_floor"] == pytest.approx(floor)
+    assert p["max_rel"] == pytest.approx(rel.max())
+    assert p["median_rel"] == pytest.approx(np.median(rel))
+    assert p["p99_rel"] == pytest.approx(np.percentile(rel, 99))
+    assert p["max_rel"] < 0.01  # every entry is 1 % off, a little less with the floor
+
+
+def test_relative_error_is_safe_near_zero():
+    ref = np.array([0.0, 0.0, 10.0, -10.0])
+    cand = np.array([1e-6, 0.0, 10.001, -10.0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        naive = np.abs(ref - cand) / np.abs(ref)
+    assert np.isinf(naive[0])  # what a plain |Δ|/|ref| does at a zero
+    p = output_parity(ref, cand)
+    floor = REL_FLOOR * math.sqrt(50.0)  # RMS of the reference is √50
+    expected = np.abs(ref - cand) / (np.abs(ref) + floor)
+    assert math.isfinite(p["max_rel"])
+    assert p["max_rel"] == pytest.approx(expected.max())
+    assert p["median_rel"] == pytest.approx(np.median(expected))
+    # all-zero reference: the floor falls back to REL_FLOOR itself, still finite
+    z = output_parity(np.zeros(3), np.full(3, 1e-6))
+    assert z["max_rel"] == pytest.approx(1e-6 / REL_FLOOR)
+
+
+def test_topk_agreement():
+    ref = np.array([[8, 7, 6, 5, 4, 3, 2, 1], [8, 7, 6, 5, 4, 3, 2, 1]], dtype=float)
+    cand = ref.copy()
+    cand[1, 4], cand[1, 7] = 0.0, 9.0  # row 1: class 4 leaves the top 5, class 7 enters as the new top-1
+    assert topk_agreement(ref, cand, 5) == pytest.approx((1.0 + 4 / 5) / 2)
+    assert topk_agreement(ref, cand, 1) == 0.5
+    p = output_parity(ref, cand)
+    assert p["top5_agreement"] == pytest.approx(0.9) and p["top1_agreement"] == 0.5
+    # order inside the top 5 does not matter
+    shuffled = ref.copy()
+    shuffled[:, [0, 4]] = shuffled[:, [4, 0]]
+    assert topk_agreement(ref, shuffled, 5) == 1.0
+    # with exactly five classes the top-5 set is every class: no statistic, rather than a trivial 1.0
+    assert topk_agreement(np.eye(5), np.eye(5)[::-1], 5) is None
+    assert output_parity(np.eye(5), np.eye(5))["top5_agreement"] is None
+    assert topk_agreement(np.eye(6), np.eye(6), 5) == 1.0
+    # 3-D outputs (N × T × V, e.g. a decoder's logits): every position is a row
+    a = np.random.default_rng(0).standard_normal((2, 3, 7))
+    assert topk_agreement(a, a, 5) == 1.0 and topk_agreement(a, a, 1) == 1.0
+
+
+def test_worst_sample_catches_one_broken_row():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((1000, 10))
+    cand = ref.copy()
+    cand[-1] = 0.0  # e.g. the last, partial batch came back empty
+    p = output_parity(ref, cand)
+    assert p["rel_l2"] < 0.05  # a whole-output statistic barely notices
+    assert p["max_row_rel"] == pytest.approx(1.0, rel=1e-2)
+    assert p["median_row_rel"] == 0.0
+    failures = check_tolerance(p, "fp16")
+    assert any(f.startswith("max_row_rel") for f in failures), failures
+
+
+# --- presets ------------------------------------------------------------------------------------------------
+
+
+def test_presets_are_ordered_and_documented():
+    order = ["fp32", "fp16", "bf16", "int8"]
+    for tighter, looser in zip(order, order[1:], strict=False):
+        t, lo = TOLERANCES[tighter], TOLERANCES[looser]
+        assert t.rel_l2 < lo.rel_l2 and t.row_rel < lo.row_rel
+        assert t.cosine > lo.cosine and t.top1_agreement > lo.top1_agreement
+    for name, tol in TOLERANCES.items():
+        assert tol.precision == name and len(tol.why) > 40
+    assert get_tolerance("FP16") is TOLERANCES["fp16"]
+    with pytest.raises(UserError, match="fp8"):
+        get_tolerance("fp8")
+
+
+def test_failures_name_the_statistic_and_preset():
+    p = {"rel_l2": 2e-2, "cosine": 0.9, "max_row_rel": 0.5, "top1_agreement": 0.5, "top5_agreement": 0.5,
+         "p99_rel": 10.0, "nonfinite": {"reference": 0, "candidate": 0}}
+    failures = check_tolerance(p, "fp16")
+    for stat in ("rel_l2", "cosine", "max_row_rel", "top1_agreement", "top5_agreement"):
+        assert any(f.startswith(stat) and f.endswith("(fp16)") for f in failures), (stat, failures)
+    assert not any("p99_rel" in f for f in failures)  # the elementwise gate is off in the presets
+    strict = tolerance_with("fp16", rel_err=1.0, error_stat="p99", max_abs=None)
+    assert any(f.startswith("p99_rel 10") for f in check_tolerance(p, strict))
+    verdict = judge(p, "int8")
+    assert verdict["precision"] == "int8" and verdict["passed"] is False
+    assert verdict["tolerance"]["rel_l2"] == TOLERANCES["int8"].rel_l2
+    with pytest.raises(UserError):
+        Tolerance("x", 1, 1, 1, 1, 1, error_stat="p95")
+    nan = dict(p, rel_l2=math.nan)
+    assert any(f.startswith("rel_l2 nan") for f in check_tolerance(nan, "int8"))
+
+
+@pytest.fixture(scope="module")
+def lenet_variants(tmp_path_factory, data_dir):
+    """fp32 LeNet-5 ONNX (trained 1 epoch on 2,000 MNIST images), its fp16 conversion, two corrupted ones,
+    and the outputs of each on 500 real test images (ORT CPU)."""
+    from lrdeploy.data import load_dataset
+
+    from .parity_models import to_fp16, train_lenet_onnx
+
+    root = tmp_path_factory.mktemp("lenet-fp16")
+    fp32 = train_lenet_onnx(root, data_dir)
+    paths = {
+        "fp32": fp32,
+        "fp16": to_fp16(fp32, root / "fp16.onnx"),
+        "fp16-flip": to_fp16(fp32, root / "fp16-flip.onnx", fault="flip-filter"),
+        "fp16-scale": to_fp16(fp32, root / "fp16-scale.onnx", fault="scale"),
+    }
+    x = load_dataset("mnist", "test", data_dir=data_dir, limit=500).x.numpy()
+    return {name: run_batched(OrtCpuRuntime(p, threads=1), x, 128) for name, p in paths.items()}
+
+
+def test_fp16_preset_accepts_a_correct_fp16_model(lenet_variants):
+    p = output_parity(lenet_variants["fp32"], lenet_variants["fp16"])
+    assert 0 < p["rel_l2"] < 1e-3  # fp16 rounding is visible, and small
+    assert check_tolerance(p, "fp16") == []
+    assert check_tolerance(p, "bf16") == [] and check_tolerance(p, "int8") == []
+    fp32_failures = check_tolerance(p, "fp32")  # the presets differ meaningfully
+    assert any(f.startswith("rel_l2") for f in fp32_failures), fp32_failures
+
+
+@pytest.mark.parametrize("fault", ["fp16-flip", "fp16-scale"])
+def test_fp16_preset_rejects_a_corrupted_weight(lenet_variants, fault):
+    p = output_parity(lenet_variants["fp32"], lenet_variants[fault])
+    failures = check_tolerance(p, "fp16")
+    assert any(f.startswith("rel_l2") for f in failures), failures
+    assert p["rel_l2"] > 2 * TOLERANCES["fp16"].rel_l2

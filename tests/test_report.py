@@ -1,4 +1,5 @@
-"""Compare report: table rendering (full and partial reports), atomic JSON, latency section from a bench."""
+"""Compare report: table and Markdown rendering (full and partial reports), atomic JSON, report files, latency
+section from a bench, several runs merged (`lrdeploy report`), translation task metrics."""
 
 from __future__ import annotations
 
@@ -7,17 +8,28 @@ import json
 import math
 
 import numpy as np
+import pytest
 from rich.console import Console
 from rich.table import Table
 
+from lrdeploy.errors import UserError
 from lrdeploy.serving.bench import benchmark
 from lrdeploy.serving.report import (
     SCHEMA,
+    SUMMARY_SCHEMA,
+    command_line,
     jsonable,
     latency_section,
+    load_report,
+    merge_reports,
+    profile_totals,
     render_bench_table,
     render_compare_table,
+    render_markdown,
+    render_summary_markdown,
+    render_summary_table,
     write_json,
+    write_reports,
 )
 
 
@@ -171,3 +183,210 @@ def test_lead_style_report_with_bench_dict_and_failures():
     for needle in ("lenet5 vs lenet5", "n=500", "4.0 KiB", "2.00× faster", "budget missed", "FAIL", "CPUs"):
         assert needle in out, needle
     assert "/very/long/path" not in out
+
+
+# --- Markdown, files on disk, several runs merged ----------------------------------------------------------
+
+
+def _judged_report() -> dict:
+    from lrdeploy.serving.parity import judge
+
+    parity = judge({"max_abs": 0.25, "mean_abs": 0.01, "median_abs": 0.004, "p99_abs": 0.2, "rel_l2": 0.0123,
+                    "max_row_rel": 0.05, "p99_rel": 0.3, "median_rel": 0.01, "max_rel": 2.0, "cosine": 0.9995,
+                    "top1_agreement": 0.987, "top5_agreement": 0.996,
+                    "nonfinite": {"reference": 0, "candidate": 0}}, "fp16")
+    return dict(FULL, parity=parity, command="lrdeploy compare a.onnx b.onnx --precision fp16",
+                created="2026-11-25T10:00:00+00:00", lrdeploy_version="0.1.0")
+
+
+def test_markdown_holds_the_key_numbers():
+    md = render_markdown(_judged_report(), plot="plot.png")
+    assert md.startswith("# lrdeploy compare: lenet5-dense vs lenet5-svd\n")
+    for needle in ("`lrdeploy compare a.onnx b.onnx --precision fp16`", "## Models", "## Accuracy",
+                   "## Latency", "## Parity", "## Budget", "## Verdict", "61,706", "20,000", "99.12 %",
+                   "98.71 %", "-0.41 pp", "0.200 ms", "2.00× faster", "1.06× slower", "1.23e-02",
+                   "≤ 0.005 MISS", "5.00e-02", "≤ 0.01 MISS", "98.70 %", "99.60 %", "≥ 0.98 ok",
+                   "parity max \\|Δ\\|", "**parity (fp16 preset)**: FAIL: rel_l2 0.0123 > 0.005 (fp16)",
+                   "max_row_rel 0.05 > 0.01 (fp16)", "**budget**: FAIL", "![latency vs accuracy](plot.png)",
+                   "AMD EPYC"):
+        assert needle in md, needle
+    # every table row has the same number of cells as its header
+    for line in md.splitlines():
+        if line.startswith("| ") and "\\|" not in line:
+            assert line.count(" | ") == 3, line
+
+
+def test_write_reports_writes_json_markdown_and_png(tmp_path):
+    files = write_reports(_judged_report(), tmp_path / "run")
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"report.json", "report.md", "plot.png"}
+    assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and files["plot"].stat().st_size > 10_000
+    assert "![latency vs accuracy](plot.png)" in files["markdown"].read_text()
+    assert load_report(tmp_path / "run")["parity"]["precision"] == "fp16"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        write_reports(FULL, tmp_path / "file")
+
+
+def _run(name: str, speedup: float, acc: float, median: float) -> dict:
+    report = json.loads(json.dumps(FULL))
+    report["reference"] = {"name": "dense", "source": "runs/dense.onnx", "params": 61706}
+    report["candidate"] = {"name": name, "source": f"runs/{name}.onnx", "params": 20000}
+    report["accuracy"]["candidate"] = acc
+    report["latency"]["1"]["speedup"] = speedup
+    report["latency"]["1"]["candidate"]["median_ms"] = median
+    report["latency"]["1"]["reference"]["median_ms"] = median * speedup
+    return report
+
+
+def test_merge_reports_lists_each_model_once():
+    a, b = _run("svd", 2.0, 0.98, 0.1), _run("cuttlefish", 1.5, 0.99, 0.2)
+    summary = merge_reports([a, b], ["runs/a", "runs/b"])
+    assert summary["schema"] == SUMMARY_SCHEMA
+    names = [m["name"] for m in summary["models"]]
+    assert names == ["dense", "svd", "cuttlefish"]  # the shared reference once, first
+    dense, svd, cut = summary["models"]
+    assert dense["role"] == "reference" and dense["runs"] == [0, 1]
+    assert dense["latency"]["1"]["median_ms"] == pytest.approx((0.2 + 0.3) / 2)  # median of its two runs
+    assert dense["speedup"]["1"] == 1.0
+    assert svd["speedup"]["1"] == 2.0 and cut["speedup"]["1"] == 1.5 and cut["vs"] == "dense"
+    assert cut["accuracy"] == 0.99 and svd["budget_passed"] is False
+    assert summary["dataset"] == "mnist test, n=10,000"
+    # same file name in two run directories: told apart by the directory
+    c, d = _run("model", 1.1, 0.9, 0.1), _run("model", 1.2, 0.9, 0.1)
+    d["candidate"]["source"] = "other/model.onnx"
+    names = [m["name"] for m in merge_reports([c, d])["models"]]
+    assert names == ["dense", "model (runs)", "model (other)"]
+
+
+def test_summary_table_and_markdown():
+    summary = merge_reports([_run("svd", 2.0, 0.98, 0.1), _run("cuttlefish", 1.5, 0.99, 0.2)])
+    out = _text(render_summary_table(summary))
+    for needle in ("svd", "cuttlefish", "reference", "2.00× faster", "1.50× faster", "98.00 %", "99.00 %",
+                   "b32 median"):
+        assert needle in out, needle
+    md = render_summary_markdown(summary, plot="plot.png")
+    assert "| svd | candidate | 20,000 | 98.00 % | 0.100 ms |" in md
+    assert "![latency vs accuracy](plot.png)" in md
+
+
+def test_report_command_merges_two_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from lrdeploy.cli import app
+
+    for name, speedup in (("svd", 2.0), ("cuttlefish", 1.5)):
+        write_reports(_run(name, speedup, 0.98, 0.1), tmp_path / name, plot=False)
+    args = ["report", str(tmp_path / "svd"), str(tmp_path / "cuttlefish" / "report.json"),
+            "--out", str(tmp_path / "merged")]
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "lrdeploy report" in r.output and "svd" in r.output
+    merged = tmp_path / "merged"
+    assert {p.name for p in merged.iterdir()} == {"summary.json", "report.md", "plot.png"}
+    summary = json.loads((merged / "summary.json").read_text())
+    assert [m["name"] for m in summary["models"]] == ["dense", "svd", "cuttlefish"]
+    assert "| cuttlefish | candidate |" in (merged / "report.md").read_text()
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "nothing-here")])
+    assert r.exit_code == 2
+
+
+def test_task_section_and_notes_render():
+    report = {"schema": SCHEMA,
+              "task": {"task": "translation", "dataset": "multi30k", "split": "test", "samples": 1000,
+                       "reference": {"bleu": 35.2, "perplexity": 5.1, "token_accuracy": 0.61, "loss": 1.63},
+                       "candidate": {"bleu": 34.0, "perplexity": 5.4, "token_accuracy": 0.6, "loss": 1.69}},
+              "notes": ["latency not measured"]}
+    out = _text(render_compare_table(report))
+    for needle in ("BLEU (multi30k test, n=1,000)", "35.20", "34.00", "-1.2", "perplexity", "5.400",
+                   "+0.3", "61.00 %"):
+        assert needle in out, needle
+    assert "- latency not measured" in render_markdown(report)
+
+
+def test_profile_is_normalised_from_several_shapes():
+    assert profile_totals({"dense": {"Conv": 1.0, "Gemm": 0.5}}) == {"dense": {"Conv": 1.0, "Gemm": 0.5}}
+    assert profile_totals({"runtimes": {"dense": {"by_op_type": {"Conv": {"total_us": 1500}}}}}) == \
+        {"dense": {"Conv": 1.5}}
+    records = [{"op_type": "Conv", "total_ms": 1.0}, {"op_type": "Conv", "total_ms": 0.5},
+               {"name": "Relu", "dur": 250}]
+    assert profile_totals({"candidate": records}) == {"candidate": {"Conv": 1.5, "Relu": 0.25}}
+    assert profile_totals(None) == {} and profile_totals({"x": "junk"}) == {}
+
+
+def test_command_line_reads_like_what_the_user_typed():
+    assert command_line(["/x/lrdeploy/__main__.py", "compare", "a b.onnx"]) == "lrdeploy compare 'a b.onnx'"
+    assert command_line(["/usr/bin/lrdeploy", "report", "r"]) == "lrdeploy report r"
+
+
+# --- translation models: task metrics in the report --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_translation(data_dir):
+    """Two tiny (untrained) Transformers on real Multi30k ids: a reference and a copy with its output
+    projection scaled by 1.01, plus 24 test pairs cut to 16 tokens (greedy decoding stays cheap)."""
+    import copy as _copy
+
+    import torch
+
+    from lrdeploy.data import load_translation
+    from lrdeploy.models import create_model
+
+    train = load_translation("multi30k", "train", data_dir=data_dir, limit=200, max_len=16)
+    test = load_translation("multi30k", "test", data_dir=data_dir, limit=24, max_len=16,
+                            tokenizers=train.tokenizers)
+    torch.manual_seed(0)
+    args = {"src_vocab": train.src_tokenizer.vocab_size, "tgt_vocab": train.tgt_tokenizer.vocab_size,
+            "d_model": 32, "nhead": 2, "num_encoder_layers": 1, "num_decoder_layers": 1,
+            "dim_feedforward": 64, "max_len": 16, "dropout": 0.0}
+    ref = create_model("transformer", **args).eval()
+    cand = _copy.deepcopy(ref)
+    with torch.no_grad():
+        cand.generator.weight.mul_(1.01)
+    return {"train": train, "test": test, "args": args, "ref": ref, "cand": cand}
+
+
+def test_translation_task_metrics_and_token_parity(tiny_translation):
+    from lrdeploy.comparison import compare_translation_models
+    from lrdeploy.serving.parity import check_tolerance
+
+    t = tiny_translation
+    task, parity = compare_translation_models(t["ref"], t["cand"], t["test"])
+    assert task["task"] == "translation" and task["samples"] == 24 and task["split"] == "test"
+    for side in ("reference", "candidate"):
+        assert set(task[side]) == {"loss", "perplexity", "token_accuracy", "bleu"}
+        assert task[side]["perplexity"] > 1 and 0 <= task[side]["bleu"] <= 100
+    assert task["delta"]["perplexity"] == pytest.approx(
+        task["candidate"]["perplexity"] - task["reference"]["perplexity"])
+    tokens = int((t["test"].tgt[:, 1:] != 0).sum())
+    assert parity["shape"] == [tokens, t["args"]["tgt_vocab"]]  # one row per predicted target token
+    assert parity["rel_l2"] == pytest.approx(0.01, rel=0.05)  # the 1 % scaled output projection
+    assert any(f.startswith("rel_l2") for f in check_tolerance(parity, "fp16"))
+    same_task, same = compare_translation_models(t["ref"], t["ref"], t["test"], bleu=False)
+    assert same["rel_l2"] == 0.0 and same_task["delta"]["loss"] == 0.0 and same_task["delta"]["bleu"] is None
+
+
+def test_compare_two_translation_bundles(tiny_translation, data_dir, tmp_path, monkeypatch):
+    """`compare` on translation bundles: task section, judged token parity, BLEU budget, no latency yet."""
+    import lrdeploy.flops
+    from lrdeploy.bundle import save_bundle
+    from lrdeploy.comparison import compare_artifacts
+
+    # FLOP counting runs a one-input forward; the Transformer takes two (a nominal count is all we need)
+    monkeypatch.setattr(lrdeploy.flops, "count_flops", lambda model, shape: 0)
+    t = tiny_translation
+    dataset = {"name": "multi30k", "task": "translation", "preprocess": t["test"].preprocess,
+               "tokenizers": t["train"].tokenizers_dict()}
+    for name in ("ref", "cand"):
+        save_bundle(tmp_path / name, t[name], model_name="transformer", model_args=t["args"],
+                    method={"name": "dense"}, dataset=dataset, metrics={}, input_shape=(16,))
+    report = compare_artifacts(tmp_path / "ref", tmp_path / "cand", data_dir=data_dir, limit_test=24,
+                               precision="fp16", max_accuracy_drop=100.0, out_dir=tmp_path / "run",
+                               progress=False)
+    assert report["task"]["samples"] == 24 and report["latency"] == {}
+    assert report["parity"]["precision"] == "fp16" and report["parity"]["passed"] is False
+    assert report["budget"]["checks"][0]["name"] == "BLEU drop (points)"
+    assert report["verdict"]["passed"] is False
+    assert any("latency" in n for n in report["notes"])
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Task metrics" in md and "perplexity (multi30k test, n=24)" in md and "BLEU" in md

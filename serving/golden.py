@@ -1,0 +1,246 @@
+"""Golden outputs: a reference model's inputs and outputs frozen on disk, so a later artefact can be checked
+against them in CI without the reference model (Polygraphy's ``--save-outputs``/``--load-outputs``).
+
+A golden directory holds two files, written together and atomically (a temporary sibling directory renamed
+into place, so a crash leaves the old golden set or the new one):
+
+- ``golden.npz`` — ``inputs`` (N × sample shape), ``outputs/<name>`` per output (the reference's, as it
+  produced them), ``labels`` (N, optional: lets a check report the task metric too). Plain arrays only:
+  loaded with ``allow_pickle=False``.
+- ``golden.json`` — the manifest::
+
+      {"schema": "lrdeploy.golden/1", "created", "lrdeploy_version", "command",
+       "dataset": {"name", "split", "samples": N, "selection": "first N test examples"},
+       "precision": "fp16",                 # the preset a check applies unless told otherwise
+       "tolerance": {...},                  # that preset's limits when the set was saved (for the record)
+       "reference": {...artefact summary: name, source, model, method, params...},
+       "arrays": {"inputs": {"shape", "dtype", "sha256"}, "outputs/output": {...}, "labels": {...}},
+       "files": {"golden.npz": sha256 of the file}}
+
+Each array's sha256 covers its dtype, shape and C-order bytes; the file's sha256 is checked first. A golden
+set that fails either check is refused with a one-line error: a tampered or truncated reference must never
+pass a candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lrdeploy import atomic
+from lrdeploy.errors import UserError
+
+from .parity import Tolerance, accuracy, get_tolerance, judge, output_parity, run_batched
+from .report import command_line
+from .runtimes.base import Runtime
+
+GOLDEN_SCHEMA = "lrdeploy.golden/1"
+ARRAYS_FILE = "golden.npz"
+MANIFEST_FILE = "golden.json"
+GOLDEN_FILES = frozenset({ARRAYS_FILE, MANIFEST_FILE})
+DEFAULT_SAMPLES = 256
+
+
+def array_sha256(a: np.ndarray) -> str:
+    """sha256 over dtype, shape and C-order bytes (two arrays with equal bytes but other shapes differ)."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256()
+    h.update(f"{a.dtype.str}|{','.join(map(str, a.shape))}|".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _record(a: np.ndarray) -> dict[str, Any]:
+    return {"shape": list(a.shape), "dtype": a.dtype.str, "sha256": array_sha256(a)}
+
+
+@dataclass
+class Golden:
+    """A loaded, verified golden set."""
+
+    path: Path
+    inputs: np.ndarray
+    outputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest.get("precision") or "fp32")
+
+    @property
+    def samples(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def _check_destination(out: Path) -> None:
+    """Replace only a golden set (or an empty directory): never the user's other files."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise UserError(f"{out} exists and is not a directory", "choose another --save-golden path")
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [e for e in entries if e not in GOLDEN_FILES]
+    if foreign:
+        raise UserError(f"{out} holds files that are not a golden set ({', '.join(foreign[:3])})",
+                        "choose a new or empty directory; lrdeploy only replaces its own golden sets")
+
+
+def check_destination(out: str | Path) -> None:
+    """Fail before any work when ``out`` could not take a golden set (call it before a long compare)."""
+    _check_destination(Path(out))
+
+
+def save_golden(
+    out_dir: str | Path,
+    inputs: Any,
+    outputs: Mapping[str, Any] | Any,
+    *,
+    labels: Any = None,
+    dataset: Mapping[str, Any] | None = None,
+    precision: str | Tolerance = "fp32",
+    reference: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a golden set to ``out_dir`` (see the module docstring); returns the directory.
+
+    ``outputs`` is one array (stored as ``output``) or ``{name: array}``; every array's first axis is the
+    sample axis and must match ``inputs``.
+    """
+    from lrdeploy import __version__
+
+    out = Path(out_dir)
+    _check_destination(out)
+    tol = get_tolerance(precision)
+    x = np.ascontiguousarray(np.asarray(inputs))
+    outs = dict(outputs) if isinstance(outputs, Mapping) else {"output": outputs}
+    arrays: dict[str, np.ndarray] = {"inputs": x}
+    for name, y in outs.items():
+        if not name or "/" in name:
+            raise UserError(f"output name {name!r} cannot be stored in a golden set")
+        arrays[f"outputs/{name}"] = np.ascontiguousarray(np.asarray(y))
+    if labels is not None:
+        arrays["labels"] = np.ascontiguousarray(np.asarray(labels))
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise UserError("a golden set needs at least one input sample")
+    for name, a in arrays.items():
+        if a.dtype == object:
+            raise UserError(f"golden array {name} is not numeric")
+        if a.ndim == 0 or a.shape[0] != x.shape[0]:
+            raise UserError(f"golden array {name} has {a.shape[0] if a.ndim else 0} samples, inputs have "
+                            f"{x.shape[0]}")
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    blob = buf.getvalue()
+    manifest = {
+        "schema": GOLDEN_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "lrdeploy_version": __version__,
+        "command": command_line(),
+        "dataset": {**(dict(dataset) if dataset else {}), "samples": int(x.shape[0])},
+        "precision": tol.precision,
+        "tolerance": tol.to_dict(),
+        "reference": dict(reference) if reference else {},
+        "arrays": {name: _record(a) for name, a in arrays.items()},
+        "files": {ARRAYS_FILE: hashlib.sha256(blob).hexdigest()},
+    }
+    text = json.dumps(manifest, indent=2, allow_nan=False, default=str) + "\n"
+    with atomic.temporary_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / ARRAYS_FILE).write_bytes(blob)
+        (tmp / MANIFEST_FILE).write_text(text, encoding="utf-8")
+    return out
+
+
+def load_golden(path: str | Path) -> Golden:
+    """Read and verify a golden set; anything missing, altered or not ours is a one-line UserError."""
+    root = Path(path)
+    manifest_path, arrays_path = root / MANIFEST_FILE, root / ARRAYS_FILE
+    if not root.is_dir():
+        raise UserError(f"golden set {root} does not exist", "create one with `lrdeploy compare DENSE CAND "
+                        "--save-golden DIR`")
+    if not manifest_path.is_file() or not arrays_path.is_file():
+        raise UserError(f"{root} is not a golden set (needs {MANIFEST_FILE} and {ARRAYS_FILE})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"golden manifest {manifest_path} is not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != GOLDEN_SCHEMA:
+        found = manifest.get("schema") if isinstance(manifest, dict) else None
+        raise UserError(f"{manifest_path} is not a {GOLDEN_SCHEMA} manifest (schema {found!r})")
+    blob = arrays_path.read_bytes()
+    expected = (manifest.get("files") or {}).get(ARRAYS_FILE)
+    if hashlib.sha256(blob).hexdigest() != expected:
+        raise UserError(f"golden set {root}: {ARRAYS_FILE} checksum mismatch (altered or truncated)",
+                        "regenerate it with --save-golden; never edit a golden set by hand")
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (ValueError, OSError) as exc:
+        raise UserError(f"golden set {root}: {ARRAYS_FILE} is not readable ({exc})") from None
+    records = manifest.get("arrays") or {}
+    if set(records) != set(arrays):
+        raise UserError(f"golden set {root}: arrays {sorted(arrays)} do not match the manifest "
+                        f"{sorted(records)}")
+    for name, a in arrays.items():
+        if array_sha256(a) != (records[name] or {}).get("sha256"):
+            raise UserError(f"golden set {root}: array {name} checksum mismatch (altered)",
+                            "regenerate it with --save-golden")
+    outputs = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("outputs/")}
+    if "inputs" not in arrays or not outputs:
+        raise UserError(f"golden set {root} holds no inputs or no outputs")
+    get_tolerance(manifest.get("precision") or "fp32")  # an unknown preset is reported now, not mid-check
+    return Golden(root, arrays["inputs"], outputs, arrays.get("labels"), manifest)
+
+
+def check_golden(
+    golden: Golden,
+    runtime: Runtime,
+    *,
+    precision: str | Tolerance | None = None,
+    batch_size: int = 256,
+    candidate: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run ``golden.inputs`` through ``runtime`` and judge its output against the golden one.
+
+    Returns ``{"schema": "lrdeploy.check/1", "golden": {...}, "candidate": {...}, "precision", "outputs":
+    {name: parity + verdict}, "accuracy": {...} | absent, "failures": [...], "passed"}``. The runtime gives
+    one output (the first), compared with the first golden output.
+    """
+    tol = get_tolerance(precision if precision is not None else golden.precision)
+    name, ref = next(iter(golden.outputs.items()))
+    x = golden.inputs
+    out = run_batched(runtime, x, batch_size)
+    parity = judge(output_parity(ref, out), tol)
+    failures = [f"{name}: {f}" for f in parity["failures"]]
+    result: dict[str, Any] = {
+        "schema": "lrdeploy.check/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "golden": {"path": str(golden.path), "dataset": golden.manifest.get("dataset"),
+                   "reference": golden.manifest.get("reference"), "saved_precision": golden.precision,
+                   "created": golden.manifest.get("created")},
+        "candidate": dict(candidate or {}),
+        "precision": tol.precision,
+        "outputs": {name: parity},
+    }
+    if len(golden.outputs) > 1:
+        result["unchecked_outputs"] = sorted(golden.outputs)[1:]
+    labels = golden.labels
+    if labels is not None and ref.ndim == 2 and labels.ndim == 1:
+        ds = golden.manifest.get("dataset") or {}
+        ref_acc, cand_acc = accuracy(ref, labels), accuracy(out, labels)
+        result["accuracy"] = {"dataset": ds.get("name"), "split": ds.get("split"),
+                              "samples": int(len(labels)), "reference": ref_acc, "candidate": cand_acc,
+                              "delta": cand_acc - ref_acc}
+    result["failures"] = failures
+    result["passed"] = not failures
+    return result
