@@ -97,6 +97,9 @@ def _quiet() -> Iterator[None]:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=".*torch.onnx.*")
+        # several inputs sharing the "batch" Dim: the dynamo exporter notes that it renames only once
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # legacy exporter: eager-only checks
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         try:
@@ -106,35 +109,78 @@ def _quiet() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+def _graph_io(model: nn.Module, n_inputs: int) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """Input names, output names and the legacy exporter's ``dynamic_axes`` (batch and declared lengths).
+
+    A model that declares its inputs (:mod:`lrdeploy.models.inputs`) names them; otherwise the single input
+    is ``input`` and the output ``output``, with only the batch dynamic.
+    """
+    from lrdeploy.models.inputs import declares_inputs, dynamic_axes, input_names, output_names
+
+    if declares_inputs(model):
+        names, outs, axes = list(input_names(model)), list(output_names(model)), dynamic_axes(model)
+        if len(names) != n_inputs:
+            raise UserError(f"the model declares {len(names)} inputs ({', '.join(names)}) but its "
+                            f"example_inputs gives {n_inputs}", "fix the model's input_names/example_inputs")
+        axes = {k: {0: "batch", **{a: n for a, n in v.items() if a != 0}} for k, v in axes.items()}
+        for name in (*names, *outs):
+            axes.setdefault(name, {0: "batch"})
+        return names, outs, axes
+    return [INPUT_NAME], [OUTPUT_NAME], {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+
+
+def _dynamic_shapes(model: nn.Module, names: Sequence[str], axes: Mapping[str, Mapping[int, str]]) -> tuple:
+    """The dynamo exporter's ``dynamic_shapes``: one ``torch.export.Dim`` per axis name, shared by every input
+    that uses it; lengths capped at the model's ``max_len`` (its position table ends there).
+
+    Tuple form, one entry per input: dict keys would have to be forward()'s argument names (baseline §3 (b)).
+    """
+    cap = getattr(model, "max_len", None)
+    dims: dict[str, Any] = {}
+
+    def dim(name: str) -> Any:
+        if name not in dims:
+            top = _MAX_BATCH if name == "batch" or not isinstance(cap, int) else cap
+            dims[name] = torch.export.Dim(name, min=1, max=top)
+        return dims[name]
+
+    return tuple({axis: dim(n) for axis, n in sorted(axes.get(name, {0: "batch"}).items())} for name in names)
+
+
 def _export_dynamo(
-    model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool
+    model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, dynamic_batch: bool
 ) -> onnx.ModelProto:
-    # Tuple form of dynamic_shapes: dict keys would have to be forward()'s argument names (baseline §3 (b)).
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=_MAX_BATCH)},) if dynamic_batch else None
+    names, outs, axes = _graph_io(model, len(example))
+    dynamic_shapes = _dynamic_shapes(model, names, axes) if dynamic_batch else None
     program = torch.onnx.export(
-        model, (example,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes, verbose=False,
+        model, tuple(example), None, dynamo=True, opset_version=opset, input_names=names,
+        output_names=outs, dynamic_shapes=dynamic_shapes, verbose=False,
     )
     return program.model_proto
 
 
 def _export_legacy(
-    model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool
+    model: nn.Module, example: tuple[torch.Tensor, ...], opset: int, dynamic_batch: bool
 ) -> onnx.ModelProto:
     buf = io.BytesIO()
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    names, outs, axes = _graph_io(model, len(example))
     torch.onnx.export(
-        model, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True,
+        model, tuple(example), buf, dynamo=False, opset_version=opset, input_names=names,
+        output_names=outs, dynamic_axes=axes if dynamic_batch else None, do_constant_folding=True,
     )
     return onnx.load_from_string(buf.getvalue())
 
 
 def torch_to_onnx(
-    model: nn.Module, example: torch.Tensor, *, exporter: str, opset: int, dynamic_batch: bool = True
+    model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], *, exporter: str, opset: int,
+    dynamic_batch: bool = True,
 ) -> tuple[onnx.ModelProto, float]:
-    """Run one torch exporter on an inference-ready module; return the raw graph and the export seconds."""
+    """Run one torch exporter on an inference-ready module; return the raw graph and the export seconds.
+
+    ``example`` is one tensor, or a tuple in ``forward`` order for a model with several inputs.
+    """
     fn = {"dynamo": _export_dynamo, "legacy": _export_legacy}[exporter]
+    example = example if isinstance(example, tuple) else (example,)
     start = time.perf_counter()
     with _quiet(), torch.no_grad():
         proto = fn(model, example, opset, dynamic_batch)
@@ -170,15 +216,22 @@ def rel_l2(candidate: np.ndarray, reference: np.ndarray) -> float:
     return num / denom if denom > 0 else num
 
 
-def _parity(session: onnxruntime.InferenceSession, model: nn.Module, inputs: Sequence[torch.Tensor]) -> float:
+def _parity(
+    session: onnxruntime.InferenceSession,
+    model: nn.Module,
+    inputs: Sequence[torch.Tensor | tuple[torch.Tensor, ...]],
+) -> float:
+    """Worst rel-L2 of the session's first output against ``model`` over ``inputs`` (tensors, or tuples of
+    tensors in ``forward`` order, fed to the session's inputs by position)."""
     worst = 0.0
-    name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     for x in inputs:
+        parts = x if isinstance(x, tuple) else (x,)
         with torch.inference_mode():
-            ref = model(x.to(device)).detach().float().cpu().numpy()
-        out = session.run(None, {name: x.numpy()})[0]
+            ref = model(*(p.to(device) for p in parts)).detach().float().cpu().numpy()
+        out = session.run(None, {n: p.cpu().numpy() for n, p in zip(names, parts, strict=True)})[0]
         worst = max(worst, rel_l2(out, ref))
     return worst
 
@@ -193,8 +246,9 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 
 def _resolve_source(
     source: Bundle | nn.Module, input_shape: Sequence[int] | None, metadata: Mapping[str, Any] | None
-) -> tuple[nn.Module, tuple[int, ...], dict[str, Any]]:
+) -> tuple[nn.Module, tuple[int, ...] | None, dict[str, Any]]:
     from lrdeploy.bundle import Bundle
+    from lrdeploy.models.inputs import declares_inputs
 
     if isinstance(source, Bundle):
         model, manifest = source.model, dict(source.manifest)
@@ -203,11 +257,38 @@ def _resolve_source(
         model, manifest = source, {}
     else:
         raise TypeError(f"export_onnx needs a Bundle or nn.Module, not {type(source).__name__}")
-    if input_shape is None:
+    if input_shape is None and not declares_inputs(model):
         raise UserError("input_shape is needed to export a bare nn.Module",
                         "pass input_shape=(C, H, W): one sample, without the batch dimension")
     manifest.update(metadata or {})
-    return model, tuple(int(d) for d in input_shape), manifest
+    return model, tuple(int(d) for d in input_shape) if input_shape is not None else None, manifest
+
+
+def _examples(
+    model: nn.Module, input_shape: tuple[int, ...] | None, dynamic_batch: bool, gen: torch.Generator
+) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
+    """The tracing example and the verification inputs, each a tuple in ``forward`` order.
+
+    Tracing uses batch 2 (a size-1 dimension would be specialised by torch.export). Verification uses other
+    batch sizes (1, 3) and, for a model with declared length axes, other lengths too, so it proves that the
+    exported dimensions really are dynamic. Single-input models get standard-normal data of ``input_shape``;
+    a model that declares its inputs makes its own (token ids must be valid ids).
+    """
+    from lrdeploy.models.inputs import declares_inputs, example_inputs, length_axes
+
+    batch = 2 if dynamic_batch else 1
+    batches = (1, 3) if dynamic_batch else (1,)
+    if not declares_inputs(model):
+        assert input_shape is not None
+        example = (torch.randn((batch, *input_shape), generator=gen),)
+        return example, [(torch.randn((b, *input_shape), generator=gen),) for b in batches]
+    example = example_inputs(model, batch, None, gen)
+    axes = length_axes(model) if dynamic_batch else []
+    # distinct lengths per axis and per check (a shared length could hide two dimensions tied together)
+    variants = ({a: 5 + 12 * i for i, a in enumerate(axes)}, {a: 23 - 19 * i for i, a in enumerate(axes)})
+    checks = [example_inputs(model, b, {a: max(2, s) for a, s in v.items()}, gen)
+              for b, v in zip(batches, variants, strict=False)]
+    return example, checks
 
 
 def _stamp(proto: onnx.ModelProto, manifest: Mapping[str, Any], export_info: Mapping[str, Any]) -> None:
@@ -264,8 +345,11 @@ def export_onnx(
 ) -> ExportResult:
     """Fold, export, check and verify ``source``; write ``path`` (and ``<stem>.ort.onnx`` if ``optimize``).
 
-    ``input_shape`` is one sample without the batch dimension (default: the bundle's). ``metadata`` is merged
-    into the manifest stored under ``lrdeploy.manifest`` (for a bare module it is the whole manifest).
+    ``input_shape`` is one sample without the batch dimension (default: the bundle's); a model that declares
+    several inputs (``input_names``/``dynamic_axes()``/``example_inputs()``, see
+    :mod:`lrdeploy.models.inputs`, e.g. the translation Transformer's int64 ``src``/``tgt_in``) is exported
+    with those names, every declared axis dynamic, and verified on its own example inputs. ``metadata`` is
+    merged into the manifest stored under ``lrdeploy.manifest`` (for a bare module it is the whole manifest).
     ``exporter``: "dynamo", "legacy" (TorchScript, deprecated by PyTorch), or "auto" (the measured default,
     falling back to the other exporter only if it fails).
     """
@@ -284,13 +368,13 @@ def export_onnx(
     try:
         folded = fold_model(model, mode="factored").cpu().float()  # exported graphs are fp32, CPU-traced
         gen = torch.Generator().manual_seed(0)
-        # Batch 2 for tracing: a size-1 dimension would be specialised by torch.export.
-        example = torch.randn((2 if dynamic_batch else 1, *input_shape), generator=gen)
+        example, inputs = _examples(folded, input_shape, dynamic_batch, gen)
         try:
             with torch.inference_mode():
-                folded(example)
+                folded(*example)
         except Exception as exc:
-            raise UserError(f"the model does not accept inputs of shape {tuple(example.shape)} ({exc})",
+            shapes = ", ".join(str(tuple(t.shape)) for t in example)
+            raise UserError(f"the model does not accept inputs of shape {shapes} ({exc})",
                             "pass the right input_shape (one sample, without the batch dimension)") from exc
 
         order = [exporter] if exporter != "auto" else [DEFAULT_EXPORTER, *(e for e in EXPORTERS
@@ -307,11 +391,20 @@ def export_onnx(
             raise UserError(f"torch.onnx export failed ({'; '.join(failures)})",
                             "try --opset 18 or the other exporter; unsupported ops must be rewritten")
         used = name
+        in_names, out_names, axes = _graph_io(folded, len(example))
         export_info: dict[str, Any] = {
-            "exporter": used, "opset": opset, "input_shape": list(input_shape),
-            "dynamic_batch": dynamic_batch, "fold": "factored", "input_name": INPUT_NAME,
-            "output_name": OUTPUT_NAME, "torch_version": torch.__version__,
+            "exporter": used, "opset": opset,
+            "input_shape": list(input_shape) if input_shape is not None else None,
+            "dynamic_batch": dynamic_batch, "fold": "factored", "input_name": in_names[0],
+            "output_name": out_names[0], "torch_version": torch.__version__,
         }
+        if len(in_names) > 1 or example[0].dtype != torch.float32:
+            export_info["inputs"] = [
+                {"name": n, "dtype": str(t.dtype).removeprefix("torch."),
+                 "dynamic_axes": {str(a): d for a, d in axes.get(n, {}).items()} if dynamic_batch else {}}
+                for n, t in zip(in_names, example, strict=True)
+            ]
+            export_info["output_names"] = out_names
         if failures:  # "auto" fell back: say why, in the file itself
             export_info["fallback_from"] = failures
         _stamp(proto, manifest, export_info)
@@ -323,8 +416,6 @@ def export_onnx(
         data = proto.SerializeToString()
 
         # Verify on fresh inputs, at a batch other than the traced one (proves the batch really is dynamic).
-        batches = (1, 3) if dynamic_batch else (1,)
-        inputs = [torch.randn((b, *input_shape), generator=gen) for b in batches]
         parity = _parity(ort_session(data), model, inputs)
         opt_data, opt_nodes = None, None
         if optimize:

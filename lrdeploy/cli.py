@@ -1,4 +1,4 @@
-"""The `lrdeploy` command line: train, init, compress, export, compare, demo, models."""
+"""The `lrdeploy` command line: train, init, compress, export, compare, check, report, demo, models."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from lrdeploy import bench_cmd
 from lrdeploy.errors import UserError
 
 app = typer.Typer(
@@ -35,7 +36,8 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e.one_line()}", soft_wrap=True, highlight=False)
+            err_console.print("[bold red]error:[/] ", end="", soft_wrap=True)
+            err_console.print(e.one_line(), markup=False, soft_wrap=True, highlight=False)
             raise typer.Exit(code=UserError.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -72,9 +74,12 @@ def models_cmd() -> None:
     for col in ("name", "input", "classes", "description"):
         table.add_column(col)
     for spec in list_models():
-        table.add_row(
-            spec.name, "×".join(map(str, spec.input_shape)), str(spec.num_classes), spec.description
+        shape = (
+            ", ".join(f"{i.name} ({i.dtype})" for i in spec.input_specs)
+            if spec.multi_input
+            else "×".join(map(str, spec.input_shape))
         )
+        table.add_row(spec.name, shape, str(spec.num_classes or "—"), spec.description)
     console.print(table)
 
 
@@ -96,7 +101,9 @@ def parse_settings(items: list[str] | None, flag: str) -> dict[str, Any]:
 @user_errors
 def train(
     model: str = typer.Option("lenet5", "--model", help="Registry model name (see `lrdeploy models`)."),
-    data: str = typer.Option("mnist", "--data", help="Dataset: mnist, fashion-mnist, cifar10."),
+    data: str = typer.Option(
+        "mnist", "--data", help="Dataset: mnist, fashion-mnist, cifar10; multi30k (with --model transformer)."
+    ),
     data_dir: Path | None = DataDir,
     method: str = typer.Option("dense", "--method", help="dense, cuttlefish or maestro."),
     method_opt: list[str] | None = typer.Option(
@@ -107,9 +114,15 @@ def train(
     ),
     epochs: int = typer.Option(2, "--epochs", min=1),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
-    lr: float = typer.Option(0.05, "--lr", min=0.0),
-    weight_decay: float = typer.Option(5e-4, "--weight-decay", min=0.0),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine or step"),
+    lr: float | None = typer.Option(
+        None, "--lr", min=0.0, help="Peak learning rate (default 0.05; translation: 1e-3, AdamW)."
+    ),
+    weight_decay: float | None = typer.Option(
+        None, "--weight-decay", min=0.0, help="Weight decay (default 5e-4; translation: 0.01)."
+    ),
+    schedule: str | None = typer.Option(
+        None, "--schedule", help="cosine (default) or step; translation: inverse_sqrt (default) or cosine."
+    ),
     augment: str | None = typer.Option(None, "--augment", help="Training augmentation: crop-flip (CIFAR)."),
     limit_train: int | None = typer.Option(
         None, "--limit-train", min=1, help="Use the first N training examples."
@@ -146,7 +159,15 @@ def train(
             out=out,
         )
     )
-    console.print(f"test accuracy {metrics['test_accuracy']:.2%} — bundle written to [bold]{out}[/]")
+    if "test_perplexity" in metrics:  # translation
+        bleu = metrics.get("test_bleu")
+        console.print(
+            f"test perplexity {metrics['test_perplexity']:.2f}, "
+            f"token accuracy {metrics['test_token_accuracy']:.2%}"
+            + (f", BLEU {bleu:.2f}" if bleu is not None else "") + f" — bundle written to [bold]{out}[/]"
+        )
+    else:
+        console.print(f"test accuracy {metrics['test_accuracy']:.2%} — bundle written to [bold]{out}[/]")
 
 
 @app.command()
@@ -232,6 +253,13 @@ def export(
     )
 
 
+Precision = typer.Option(
+    None,
+    "--precision",
+    help="Judge output parity with this preset: fp32, fp16, bf16 or int8 (docs/parity.md); a miss exits 1.",
+)
+
+
 @app.command()
 @user_errors
 def compare(
@@ -247,11 +275,35 @@ def compare(
         None, "--threads", min=1, help="Intra-op threads (default: all cores)."
     ),
     seconds: float = typer.Option(1.0, "--seconds", min=0.05, help="Minimum timed seconds per block."),
-    max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop", help="Budget, in accuracy points."),
+    max_accuracy_drop: float = typer.Option(
+        1.0, "--max-accuracy-drop", help="Budget, in accuracy points (BLEU points for translation)."
+    ),
     min_agreement: float | None = typer.Option(
         None, "--min-agreement", help="Budget: top-1 agreement in [0, 1]."
     ),
+    max_bleu_drop: float | None = typer.Option(
+        None, "--max-bleu-drop", help="Translation budget, in BLEU points (default: --max-accuracy-drop, 1)."
+    ),
+    max_perplexity_increase: float = typer.Option(
+        0.10, "--max-perplexity-increase", help="Translation budget: relative perplexity rise (0.1 = 10%)."
+    ),
+    precision: str | None = Precision,
     json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run directory: write report.json, report.md and plot.png there."
+    ),
+    save_golden: Path | None = typer.Option(
+        None,
+        "--save-golden",
+        help="Also save the dense model's inputs+outputs on the first test examples as a golden set "
+        "(check later artefacts with `lrdeploy check CANDIDATE --golden DIR`).",
+    ),
+    golden_samples: int = typer.Option(
+        256, "--golden-samples", min=1, help="Test examples in the golden set."
+    ),
+    profile: bool = typer.Option(
+        False, "--profile", help="Add ONNX Runtime's per-operator time breakdown (report and plot)."
+    ),
 ) -> None:
     """Compare a candidate with the dense original: size, FLOPs, accuracy, parity, latency, speed-up."""
     from lrdeploy.comparison import compare_artifacts
@@ -268,14 +320,101 @@ def compare(
         min_seconds=seconds,
         max_accuracy_drop=max_accuracy_drop,
         min_agreement=min_agreement,
+        max_bleu_drop=max_bleu_drop,
+        max_perplexity_increase=max_perplexity_increase,
+        precision=precision,
         json_path=json_path,
+        out_dir=out,
+        save_golden=save_golden,
+        golden_samples=golden_samples,
+        profile=profile,
     )
     console.print(render_compare_table(report))
     if json_path:
         console.print(f"JSON report: [bold]{json_path}[/]")
-    if not report["budget"]["passed"]:
-        err_console.print(f"[bold red]budget missed:[/] {'; '.join(report['budget']['failures'])}")
+    if out:
+        console.print(f"report: [bold]{out}[/] (report.json, report.md, plot.png)")
+    if report.get("golden"):
+        golden = report["golden"]
+        console.print(f"golden set: [bold]{golden['path']}[/] ({golden['samples']} samples)")
+    _fail_on_misses(report)
+
+
+def _fail_on_misses(report: dict[str, Any]) -> None:
+    """Exit 1 naming every missed budget and every parity statistic outside its preset."""
+    budget = report.get("budget") or {}
+    if not budget.get("passed", True):
+        err_console.print(f"[bold red]budget missed:[/] {'; '.join(budget.get('failures', []))}",
+                          soft_wrap=True, highlight=False)
+    parity = report.get("parity") or {}
+    if parity.get("failures"):
+        err_console.print(f"[bold red]parity ({parity.get('precision')}) failed:[/] "
+                          f"{'; '.join(parity['failures'])}", soft_wrap=True, highlight=False)
+    if not budget.get("passed", True) or parity.get("failures"):
         raise typer.Exit(code=1)
+
+
+@app.command()
+@user_errors
+def check(
+    candidate: Path = typer.Argument(..., help="Artefact to check: an .onnx file or a bundle directory."),
+    golden: Path = typer.Option(
+        ..., "--golden", help="Golden set written by `lrdeploy compare ... --save-golden DIR`."
+    ),
+    precision: str | None = typer.Option(
+        None, "--precision", help="Preset to judge with (default: the one recorded in the golden set)."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Intra-op threads."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """Check an artefact against golden outputs (for CI): per-statistic verdict; exit 1 on a miss."""
+    import tempfile
+
+    from lrdeploy.comparison import resolve_artifact
+    from lrdeploy.serving.golden import check_golden, load_golden
+    from lrdeploy.serving.report import render_check_table, write_json
+    from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
+    from lrdeploy.translation_compare import is_translation_manifest
+
+    if json_path is not None and json_path.is_dir():
+        raise UserError(f"--json {json_path} is a directory", "give a file path, e.g. --json check.json")
+    gold = load_golden(golden)
+    with tempfile.TemporaryDirectory(prefix="lrdeploy-check-") as tmp:
+        art = resolve_artifact("candidate", candidate, Path(tmp))
+        if is_translation_manifest(art.manifest):
+            raise UserError("golden checks of translation models are not supported yet",
+                            "golden sets hold one input tensor; translation models take two")
+        result = check_golden(gold, OrtCpuRuntime(art.onnx_path, threads=threads), precision=precision,
+                              candidate=art.summary())
+    console.print(render_check_table(result))
+    if json_path is not None:
+        write_json(json_path, result)
+        console.print(f"JSON result: [bold]{json_path}[/]")
+    if not result["passed"]:
+        err_console.print(f"[bold red]golden check failed ({result['precision']}):[/] "
+                          f"{'; '.join(result['failures'])}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=1)
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    runs: list[Path] = typer.Argument(
+        ..., help="Run directories from `lrdeploy compare --out` (or their report.json files)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write summary.json, report.md and plot.png of the merged runs here."
+    ),
+) -> None:
+    """Merge several compare runs into one table and one latency-vs-accuracy plot."""
+    from lrdeploy.serving.report import load_report, merge_reports, render_summary_table, write_summary
+
+    reports = [load_report(path) for path in runs]
+    summary = merge_reports(reports, [str(p) for p in runs])
+    console.print(render_summary_table(summary))
+    if out is not None:
+        write_summary(summary, out)
+        console.print(f"merged report: [bold]{out}[/] (summary.json, report.md, plot.png)")
 
 
 @app.command()
@@ -287,12 +426,16 @@ def demo(
     data_dir: Path | None = DataDir,
     epochs: int = typer.Option(4, "--epochs", min=1),
 ) -> None:
-    """The main job: train LeNet-5 on MNIST, compress it, fine-tune, export both, compare them."""
+    """The main job: dense vs Cuttlefish LeNet-5 on MNIST, exported to ONNX and compared as deployed."""
     from lrdeploy.demo import run_demo
 
     report = run_demo(out=out, data_dir=data_dir, epochs=epochs, console=console)
     if not report["budget"]["passed"]:
         raise typer.Exit(code=1)
+
+
+# `lrdeploy bench`: options and implementation live in lrdeploy/bench_cmd.py
+app.command("bench")(user_errors(bench_cmd.bench))
 
 
 def main() -> None:

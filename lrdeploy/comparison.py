@@ -3,12 +3,22 @@
 Either side may be a bundle (exported on the fly, folded, into a temporary directory) or an .onnx file.
 Accuracy and parity are measured on the real test split through the exported graphs, so the numbers are
 those of what would ship, not of the PyTorch model.
+
+Options that turn the comparison into a gate (each miss is named, and the CLI exits 1):
+- ``precision`` ("fp32", "fp16", "bf16", "int8"): judge output parity with that preset
+  (:data:`lrdeploy.serving.parity.TOLERANCES`) — for a candidate that is the same model in another
+  precision or runtime. Without it, parity is reported but not judged (a compressed model differs by design
+  and is judged by the accuracy budget).
+- ``max_accuracy_drop`` / ``min_agreement``: the accuracy budget.
+
+Translation models (bundles of the ``transformer`` family, with their tokenizers in the manifest) are compared
+in PyTorch on Multi30k: perplexity, token accuracy and BLEU (``task`` section) and teacher-forced logit parity
+over non-padding target tokens. TODO(translation): ONNX export and the latency harness take one input tensor
+today, so translation artefacts must be bundles and no latency is measured for them yet.
 """
 
 from __future__ import annotations
 
-import shlex
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +32,7 @@ from lrdeploy import __version__
 from lrdeploy.errors import UserError
 
 SCHEMA = "lrdeploy.compare/1"
+PARITY_SENTENCES = 128  # translation parity: logits of this many sentences (vocabulary-sized rows per token)
 
 
 @dataclass
@@ -39,9 +50,15 @@ class Artifact:
     weights_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def name(self) -> str:
+        """What people call it: the file stem of an .onnx file, the directory name of a bundle."""
+        return self.source.stem if self.kind == "onnx" else (self.source.name or str(self.source))
+
     def summary(self) -> dict[str, Any]:
         manifest = self.manifest or {}
         return {
+            "name": self.name,
             "label": self.label,
             "source": str(self.source),
             "kind": self.kind,
@@ -52,6 +69,7 @@ class Artifact:
             "onnx_bytes": self.onnx_bytes,
             "weights_bytes": self.weights_bytes,
             "structure": manifest.get("structure", {}),
+            **self.extra,
         }
 
 
@@ -61,7 +79,9 @@ def _onnx_params(path: Path) -> int:
 
 
 def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
-    """Load a bundle (and export it) or check an .onnx file; a bad path is a one-line UserError."""
+    """Load a bundle (and export it) or check an .onnx file; a bad path is a one-line UserError.
+
+    """
     from lrdeploy.exporters.onnx import export_onnx, load_onnx_checked, read_onnx_metadata
 
     path = Path(path)
@@ -72,9 +92,9 @@ def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
         from lrdeploy.flops import count_flops, count_params
 
         bundle = load_bundle(path)
+        weights = path / "weights.safetensors"
         onnx_path = workdir / f"{label}.onnx"
         export_onnx(bundle, onnx_path, optimize=False)
-        weights = path / "weights.safetensors"
         return Artifact(
             label=label,
             source=path,
@@ -91,7 +111,20 @@ def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
             f"{label} {path} is neither a bundle directory nor an .onnx file",
             "pass a bundle from lrdeploy train/compress or a file from lrdeploy export",
         )
-    load_onnx_checked(path)
+    extra: dict[str, Any] = {}
+    try:
+        load_onnx_checked(path)
+    except UserError as exc:
+        # A file that parses but fails the ONNX checker still runs in ONNX Runtime, which is the judge of
+        # what deploys: ORT's own fp16 converter (keep_io_types) leaves its input Casts out of topological
+        # order, for one. Truncated or corrupt files do not parse and stay an error.
+        try:
+            onnx.load(str(path), load_external_data=False)
+        except Exception:
+            raise exc from None
+        cause = str(exc.__cause__ or exc).strip().splitlines()[0].split(", however")[0]
+        cause = cause if len(cause) <= 70 else cause[:69] + "…"
+        extra["onnx_checker"] = f"failed ({cause}); run by ORT anyway"
     manifest = read_onnx_metadata(path) or None
     flops = (manifest or {}).get("flops")
     # the manifest counts the model's parameters; ONNX initialisers also hold shape constants
@@ -106,6 +139,7 @@ def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
         flops=flops,
         onnx_bytes=path.stat().st_size,
         weights_bytes=(manifest or {}).get("weights_bytes"),
+        extra=extra,
     )
 
 
@@ -124,12 +158,19 @@ def evaluate_budget(
     parity: dict[str, Any],
     max_accuracy_drop: float,
     min_agreement: float | None,
+    *,
+    metric: str = "accuracy drop (points)",
+    scale: float = 100.0,
 ) -> dict[str, Any]:
-    """Check the candidate against the user's budgets; a miss is listed by name, with the numbers."""
-    drop_points = 100.0 * (accuracy["reference"] - accuracy["candidate"])
+    """Check the candidate against the user's budgets; a miss is listed by name, with the numbers.
+
+    ``accuracy`` holds ``reference`` and ``candidate`` of the task metric (higher is better); ``scale``
+    turns their difference into points (100 for fractions, 1 for BLEU, which is already 0-100).
+    """
+    drop_points = scale * (accuracy["reference"] - accuracy["candidate"])
     checks = [
         {
-            "name": "accuracy drop (points)",
+            "name": metric,
             "limit": max_accuracy_drop,
             "value": drop_points,
             "passed": drop_points <= max_accuracy_drop,
@@ -146,9 +187,20 @@ def evaluate_budget(
             }
         )
     failures = [
-        f"{c['name']} {c['value']:.4g} misses the limit {c['limit']:g}" for c in checks if not c["passed"]
+        f"{c['name']} {c['value']:.4g} misses the limit {c['limit']:g}"
+        if c["value"] is not None else f"{c['name']} not available (limit {c['limit']:g})"
+        for c in checks
+        if not c["passed"]
     ]
     return {"checks": checks, "failures": failures, "passed": not failures}
+
+
+def verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """The overall verdict: every budget miss and, when a precision preset was given, every parity miss."""
+    failures = [f"budget: {f}" for f in (report.get("budget") or {}).get("failures", [])]
+    parity = report.get("parity") or {}
+    failures += [f"parity: {f}" for f in parity.get("failures") or []]
+    return {"passed": not failures, "failures": failures}
 
 
 def compare_artifacts(
@@ -163,19 +215,61 @@ def compare_artifacts(
     min_seconds: float = 1.0,
     max_accuracy_drop: float = 1.0,
     min_agreement: float | None = None,
+    precision: str | None = None,
     json_path: Path | None = None,
+    out_dir: Path | None = None,
+    save_golden: Path | None = None,
+    golden_samples: int | None = None,
+    profile: bool = False,
     progress: bool = True,
+    max_bleu_drop: float | None = None,
+    max_perplexity_increase: float = 0.10,
 ) -> dict[str, Any]:
-    """Measure candidate against dense on accuracy, parity and interleaved latency; return the report dict."""
+    """Measure candidate against dense on accuracy, parity and interleaved latency; return the report dict.
+
+    ``precision`` judges parity with that preset (see the module docstring); ``json_path`` writes the
+    report; ``out_dir`` writes ``report.json``, ``report.md`` and ``plot.png`` there; ``save_golden`` writes
+    the dense model's outputs on the first ``golden_samples`` test examples (with those inputs and labels) as
+    a golden set for ``lrdeploy check``; ``profile`` adds ONNX Runtime's per-operator breakdown of both
+    models at every batch size (``serving.profile.profile_onnx``, run after the timing) under ``profile``.
+    ``report["verdict"]`` sums up every miss. Translation artefacts go to
+    :func:`lrdeploy.translation_compare.compare_translation` (budgets ``max_bleu_drop``, default
+    ``max_accuracy_drop``, and ``max_perplexity_increase``, relative).
+    """
+    from lrdeploy import translation_compare as tc
+
+    if tc.is_translation_artifact(dense) or tc.is_translation_artifact(candidate):  # two int64 inputs
+        return tc.compare_translation(
+            dense, candidate, dataset=dataset, data_dir=data_dir, limit_test=limit_test,
+            batch_sizes=batch_sizes, threads=threads, min_seconds=min_seconds, min_agreement=min_agreement,
+            precision=precision,
+            max_bleu_drop=max_accuracy_drop if max_bleu_drop is None else max_bleu_drop,
+            max_perplexity_increase=max_perplexity_increase, json_path=json_path, out_dir=out_dir,
+            save_golden=save_golden, profile=profile, progress=progress)
     from lrdeploy.data import load_dataset
     from lrdeploy.serving.bench import benchmark
+    from lrdeploy.serving.golden import DEFAULT_SAMPLES
+    from lrdeploy.serving.golden import check_destination as check_golden_destination
+    from lrdeploy.serving.golden import save_golden as write_golden
     from lrdeploy.serving.parity import accuracy as accuracy_of
-    from lrdeploy.serving.parity import output_parity, run_batched
-    from lrdeploy.serving.report import latency_section, write_json
+    from lrdeploy.serving.parity import get_tolerance, judge, output_parity, run_batched
+    from lrdeploy.serving.report import command_line, latency_section, write_json, write_reports
     from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 
+    # every check on the user's arguments before the minutes of work
     if json_path is not None and Path(json_path).is_dir():
         raise UserError(f"--json {json_path} is a directory", "give a file path, e.g. --json report.json")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory", "give a directory for the report")
+    if precision is not None:
+        precision = get_tolerance(precision).precision
+    if save_golden is not None:
+        check_golden_destination(save_golden)
+    golden_samples = DEFAULT_SAMPLES if golden_samples is None else golden_samples
+    if golden_samples < 1:
+        raise UserError(f"--golden-samples must be at least 1, got {golden_samples}")
+
+    golden_record = None
     with tempfile.TemporaryDirectory(prefix="lrdeploy-compare-") as tmp:
         ref = resolve_artifact("dense", Path(dense), Path(tmp))
         cand = resolve_artifact("candidate", Path(candidate), Path(tmp))
@@ -199,6 +293,17 @@ def compare_artifacts(
         }
         acc["delta"] = acc["candidate"] - acc["reference"]
         parity = output_parity(logits["dense"], logits["candidate"])
+        session = getattr(runtimes["dense"], "session", None)
+        parity["output"] = session.get_outputs()[0].name if session is not None else "output"
+        if precision is not None:
+            parity = judge(parity, precision)
+        if save_golden is not None:
+            n = min(golden_samples, len(x))
+            write_golden(save_golden, x[:n], {parity["output"]: logits["dense"][:n]}, labels=labels[:n],
+                         dataset={"name": ds_name, "split": "test",
+                                  "selection": f"first {n} test examples"},
+                         precision=precision or "fp32", reference=ref.summary())
+            golden_record = {"path": str(save_golden), "samples": n, "precision": precision or "fp32"}
         bench = benchmark(
             runtimes,
             tuple(x.shape[1:]),
@@ -207,7 +312,22 @@ def compare_artifacts(
             progress=progress,
         )
         runtime_info = {name: rt.describe() for name, rt in runtimes.items()}
+        sections = {
+            "accuracy": acc,
+            "parity": parity,
+            "latency": latency_section(bench, "dense", "candidate"),
+            "environment": {**bench.environment, "runtimes": runtime_info},
+            "budget": evaluate_budget(acc, parity, max_accuracy_drop, min_agreement),
+        }
+        if profile:  # after the timing, so the profiler never touches the timed numbers
+            from lrdeploy.serving.profile import profile_onnx
 
+            sections["profile"] = {
+                name: {str(b): profile_onnx(art.onnx_path, tuple(x.shape[1:]), b,
+                                            threads=runtime_info[name].get("threads", threads))
+                       for b in batch_sizes}
+                for name, art in (("dense", ref), ("candidate", cand))
+            }
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "reference": ref.summary(),
@@ -215,17 +335,18 @@ def compare_artifacts(
         "ratios": {
             "params": ref.params / max(cand.params, 1),
             "flops": (ref.flops / cand.flops) if ref.flops and cand.flops else None,
-            "onnx_bytes": ref.onnx_bytes / max(cand.onnx_bytes, 1),
+            "onnx_bytes": ref.onnx_bytes / max(cand.onnx_bytes, 1) if cand.onnx_bytes else None,
         },
-        "accuracy": acc,
-        "parity": parity,
-        "latency": latency_section(bench, "dense", "candidate"),
-        "environment": {**bench.environment, "runtimes": runtime_info},
-        "budget": evaluate_budget(acc, parity, max_accuracy_drop, min_agreement),
+        **sections,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command_line(),
         "lrdeploy_version": __version__,
     }
+    if golden_record is not None:
+        report["golden"] = golden_record
+    report["verdict"] = verdict(report)
     if json_path is not None:
         write_json(json_path, report)
+    if out_dir is not None:
+        write_reports(report, out_dir)
     return report

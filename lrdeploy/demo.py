@@ -51,7 +51,8 @@ def run_demo(
     console: Console | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole pipeline into ``out`` and return the comparison report (also written as JSON)."""
+    """Run the whole pipeline into ``out`` and return the comparison report (also written to ``out`` as
+    report.json, report.md and plot.png)."""
     from lrdeploy.bundle import load_bundle, read_manifest
     from lrdeploy.comparison import compare_artifacts
     from lrdeploy.exporters.onnx import export_onnx
@@ -102,12 +103,13 @@ def run_demo(
         limit_test=limit_test,
         batch_sizes=(1, 32),
         min_seconds=min_seconds,
-        json_path=report_path,
+        out_dir=out,  # report.json, report.md and plot.png
         progress=progress,
     )
     console.print(render_compare_table(report))
     console.print(
         f"\nartefacts: bundles [bold]{dense_dir}[/], [bold]{lowrank_dir}[/]; ONNX [bold]{dense_onnx}[/], "
-        f"[bold]{lowrank_onnx}[/] (+ .ort.onnx optimised copies); report [bold]{report_path}[/]"
+        f"[bold]{lowrank_onnx}[/] (+ .ort.onnx optimised copies); report [bold]{report_path}[/] with "
+        f"[bold]{out / 'report.md'}[/] and [bold]{out / 'plot.png'}[/]"
     )
     return report

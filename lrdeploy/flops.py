@@ -22,19 +22,29 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     """FLOPs for one sample: ``input_shape`` excludes the batch dimension (e.g. (1, 28, 28)).
 
+    A model with several inputs (``lrdeploy.models.inputs``) gets its own ``example_inputs`` at batch 1 with
+    every length axis at the nominal ``input_shape`` (a translation model: source and target of 32 tokens).
+
     Runs one batch-1 forward in eval mode without grad, on the model's device and dtype; the model's
     train/eval mode is restored afterwards.
     """
+    from lrdeploy.models.inputs import declares_inputs, example_inputs, nominal_sizes
+
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = torch.zeros((1, *tuple(input_shape)), device=device, dtype=dtype)
+    if declares_inputs(model):  # several or integer inputs (e.g. src, tgt_in): the model makes valid ones
+        gen = torch.Generator().manual_seed(0)
+        inputs = example_inputs(model, 1, nominal_sizes(model, input_shape), gen)
+        inputs = tuple(t.to(device) for t in inputs)
+    else:
+        inputs = (torch.zeros((1, *tuple(input_shape)), device=device, dtype=dtype),)
     was_training = model.training
     model.eval()
     try:
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
-            model(x)
+            model(*inputs)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

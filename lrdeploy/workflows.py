@@ -24,9 +24,16 @@ def _check_out_is_not_input(src: Path, out: Path) -> None:
         raise UserError(f"--out {out} is the input bundle itself", "write the result to a new directory")
 
 
+# Optimiser settings left unset (None) in a TrainRequest take the task's defaults: SGD recipes for the image
+# classifiers, AdamW with warm-up for translation (plain SGD trains a Transformer poorly).
+CLASSIFICATION_DEFAULTS: dict[str, Any] = {"lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine"}
+TRANSLATION_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.01, "schedule": "inverse_sqrt"}
+TRANSLATION_MAX_LEN = 64  # data max_len (with <bos>/<eos>); no Multi30k sentence is cut at 64
+
+
 @dataclass
 class TrainRequest:
-    """Everything `lrdeploy train` needs; defaults are the CLI's."""
+    """Everything `lrdeploy train` needs; defaults are the CLI's (``None``: the task's default, see above)."""
 
     model_name: str = "lenet5"
     dataset: str = "mnist"
@@ -36,9 +43,9 @@ class TrainRequest:
     model_args: dict[str, Any] = field(default_factory=dict)
     epochs: int = 2
     batch_size: int = 128
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
+    lr: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
     augment: str | None = None
     limit_train: int | None = None
     limit_test: int | None = None
@@ -47,11 +54,37 @@ class TrainRequest:
     progress: bool = True
 
 
+def _setting(req: TrainRequest, name: str, defaults: dict[str, Any]) -> Any:
+    value = getattr(req, name)
+    return defaults[name] if value is None else value
+
+
+def is_translation_dataset(name: str) -> bool:
+    from lrdeploy.data.multi30k import TRANSLATION_DATASETS
+
+    return name.strip().lower().replace("_", "-") in TRANSLATION_DATASETS
+
+
+def _check_task(spec: Any, dataset: str, translation: bool) -> None:
+    if spec.multi_input and not translation:
+        raise UserError(
+            f"model {spec.name} is a translation model and {dataset} is not a translation dataset",
+            "use --data multi30k",
+        )
+    if translation and not spec.multi_input:
+        raise UserError(
+            f"{dataset} is a translation dataset and model {spec.name} is not a translation model",
+            "use --model transformer",
+        )
+
+
 def train_bundle(req: TrainRequest) -> dict[str, Any]:
     """Train a registry model with a method (dense, cuttlefish, maestro …) and write its bundle.
 
     The method is a trainer hook from :mod:`lrdeploy.methods`; what it learnt (ranks, switch epoch,
     stable-rank history …) goes into the manifest under ``method``, with the training settings beside it.
+    A translation model on a translation dataset (``--model transformer --data multi30k``) goes through
+    :func:`train_translation_bundle`.
     """
     from lrdeploy.bundle import check_output_dir, save_bundle
     from lrdeploy.data import load_dataset
@@ -62,15 +95,19 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
 
     check_output_dir(req.out)
     spec = get_spec(req.model_name)
+    translation = is_translation_dataset(req.dataset)
+    _check_task(spec, req.dataset, translation)
+    if translation:
+        return train_translation_bundle(req)
     hook = None if req.method == "dense" else get_method(req.method, **req.method_settings)
     if hook is None and req.method_settings:
         raise UserError("--method-opt was given but --method is dense", "drop it or choose a method")
     config = TrainConfig(
         epochs=req.epochs,
         batch_size=req.batch_size,
-        lr=req.lr,
-        weight_decay=req.weight_decay,
-        schedule=req.schedule,
+        lr=_setting(req, "lr", CLASSIFICATION_DEFAULTS),
+        weight_decay=_setting(req, "weight_decay", CLASSIFICATION_DEFAULTS),
+        schedule=_setting(req, "schedule", CLASSIFICATION_DEFAULTS),
         seed=req.seed,
         limit_train=req.limit_train,
         progress=req.progress,
@@ -106,6 +143,95 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
         metrics=metrics,
     )
     return metrics
+
+
+def train_translation_bundle(req: TrainRequest) -> dict[str, Any]:
+    """Train a translation model (:func:`lrdeploy.seq2seq.train_translation`) and write its bundle.
+
+    Tokenizers come from the whole training split (limited and full runs share ids) and are stored in the
+    manifest (``tokenizers``) so the bundle can be evaluated and compared later without rebuilding them.
+    Metrics: teacher-forced loss, perplexity and token accuracy and greedy BLEU on the test split (its first
+    ``limit_test`` pairs), after the last epoch.
+    """
+    from lrdeploy.bundle import check_output_dir, save_bundle
+    from lrdeploy.data.multi30k import build_tokenizers, load_translation
+    from lrdeploy.layers.maestro import compact
+    from lrdeploy.methods import get_method
+    from lrdeploy.models import create_model, get_spec
+    from lrdeploy.seq2seq import TranslationConfig, train_translation
+
+    check_output_dir(req.out)
+    spec = get_spec(req.model_name)
+    if req.augment is not None:
+        raise UserError("data augmentation does not apply to translation", hint="drop --augment")
+    hook = None if req.method == "dense" else get_method(req.method, **req.method_settings)
+    if hook is None and req.method_settings:
+        raise UserError("--method-opt was given but --method is dense", "drop it or choose a method")
+    config = TranslationConfig(
+        epochs=req.epochs,
+        batch_size=req.batch_size,
+        lr=_setting(req, "lr", TRANSLATION_DEFAULTS),
+        weight_decay=_setting(req, "weight_decay", TRANSLATION_DEFAULTS),
+        schedule=_setting(req, "schedule", TRANSLATION_DEFAULTS),
+        seed=req.seed,
+        limit_train=req.limit_train,
+        progress=req.progress,
+    )
+    model_max = req.model_args.get("max_len", spec.default_args.get("max_len", TRANSLATION_MAX_LEN))
+    max_len = min(TRANSLATION_MAX_LEN, int(model_max)) if isinstance(model_max, int) else TRANSLATION_MAX_LEN
+    tokenizers = build_tokenizers(req.dataset, req.data_dir)
+    train_set = load_translation(req.dataset, "train", req.data_dir, limit=req.limit_train,
+                                 tokenizers=tokenizers, max_len=max_len)
+    test_set = load_translation(req.dataset, "test", req.data_dir, limit=req.limit_test,
+                                tokenizers=tokenizers, max_len=max_len)
+    model_args = {"src_vocab": len(tokenizers[0]), "tgt_vocab": len(tokenizers[1]), **req.model_args}
+    torch.manual_seed(req.seed)  # the initial weights are part of the run: seed them too
+    model = create_model(req.model_name, **model_args)
+    _check_translation_model(model, train_set, req.model_name, req.dataset)
+    if hook is not None and hasattr(hook, "prepare"):
+        model = hook.prepare(model)
+    result = train_translation(model, train_set, test_set, config, hooks=[hook] if hook is not None else [])
+    model = compact(result.model)  # Maestro keeps dead components in storage while training; drop them
+    metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.metrics.items()}
+    metrics.update({
+        "test_samples": len(test_set),
+        "train_loss": result.train_loss,
+        "train_seconds": result.seconds,
+        "train_tokens_per_s": result.tokens_per_s,
+        "history": result.history,
+    })
+    method = hook.manifest_record() if hook is not None else {"name": "dense"}
+    method["train"] = config.to_dict()
+    dataset = _dataset_record(train_set, len(train_set))
+    dataset["task"] = "translation"
+    save_bundle(
+        req.out,
+        model,
+        model_name=req.model_name,
+        model_args=model_args,
+        input_shape=tuple(spec.input_shape),  # nominal (source length), for the FLOP count
+        method=method,
+        dataset=dataset,
+        metrics=metrics,
+        extra={"tokenizers": train_set.tokenizers_dict()},
+    )
+    return metrics
+
+
+def _check_translation_model(
+    model: torch.nn.Module, dataset: Any, model_name: str, dataset_name: str
+) -> None:
+    """One forward on one sentence pair, so a model/data mismatch is a clear error, not a deep traceback."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(dataset.src[:1], dataset.tgt_in[:1])
+    except (RuntimeError, IndexError) as exc:
+        raise UserError(f"model {model_name} cannot take {dataset_name} sentence pairs ({exc})",
+                        "check the --model-arg values (vocabulary sizes come from the data)") from None
+    finally:
+        model.train(was_training)
 
 
 def model_args_for(spec: Any, dataset: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:

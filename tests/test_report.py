@@ -346,28 +346,8 @@ def tiny_translation(data_dir):
     return {"train": train, "test": test, "args": args, "ref": ref, "cand": cand}
 
 
-def test_translation_task_metrics_and_token_parity(tiny_translation):
-    from lrdeploy.comparison import compare_translation_models
-    from lrdeploy.serving.parity import check_tolerance
-
-    t = tiny_translation
-    task, parity = compare_translation_models(t["ref"], t["cand"], t["test"])
-    assert task["task"] == "translation" and task["samples"] == 24 and task["split"] == "test"
-    for side in ("reference", "candidate"):
-        assert set(task[side]) == {"loss", "perplexity", "token_accuracy", "bleu"}
-        assert task[side]["perplexity"] > 1 and 0 <= task[side]["bleu"] <= 100
-    assert task["delta"]["perplexity"] == pytest.approx(
-        task["candidate"]["perplexity"] - task["reference"]["perplexity"])
-    tokens = int((t["test"].tgt[:, 1:] != 0).sum())
-    assert parity["shape"] == [tokens, t["args"]["tgt_vocab"]]  # one row per predicted target token
-    assert parity["rel_l2"] == pytest.approx(0.01, rel=0.05)  # the 1 % scaled output projection
-    assert any(f.startswith("rel_l2") for f in check_tolerance(parity, "fp16"))
-    same_task, same = compare_translation_models(t["ref"], t["ref"], t["test"], bleu=False)
-    assert same["rel_l2"] == 0.0 and same_task["delta"]["loss"] == 0.0 and same_task["delta"]["bleu"] is None
-
-
 def test_compare_two_translation_bundles(tiny_translation, data_dir, tmp_path, monkeypatch):
-    """`compare` on translation bundles: task section, judged token parity, BLEU budget, no latency yet."""
+    """`compare` on translation bundles: task section, judged token parity, BLEU budget, latency."""
     import lrdeploy.flops
     from lrdeploy.bundle import save_bundle
     from lrdeploy.comparison import compare_artifacts
@@ -383,7 +363,7 @@ def test_compare_two_translation_bundles(tiny_translation, data_dir, tmp_path, m
     report = compare_artifacts(tmp_path / "ref", tmp_path / "cand", data_dir=data_dir, limit_test=24,
                                precision="fp16", max_accuracy_drop=100.0, out_dir=tmp_path / "run",
                                progress=False)
-    assert report["task"]["samples"] == 24 and report["latency"] == {}
+    assert report["task"]["samples"] == 24 and set(report["latency"]) == {"1", "32"}
     assert report["parity"]["precision"] == "fp16" and report["parity"]["passed"] is False
     assert report["budget"]["checks"][0]["name"] == "BLEU drop (points)"
     assert report["verdict"]["passed"] is False

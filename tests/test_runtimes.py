@@ -129,16 +129,25 @@ def test_missing_file_is_a_user_error(tmp_path):
         OrtCpuRuntime(tmp_path / "nope.onnx")
 
 
-def test_multi_input_model_is_a_user_error(tmp_path):
+def test_multi_input_model_takes_a_dict_or_tuple(tmp_path):
+    """ORT CPU feeds several inputs (translation: src, tgt_in) by name or in order; one array is refused."""
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["c"])], "two",
+        [helper.make_node("Sub", ["a", "b"], ["c"])], "two",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "b")],
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])],
     )
     path = tmp_path / "two.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rt = OrtCpuRuntime(path, threads=1)
+    a, b = np.array([3.0, 4.0]), np.array([1.0, 1.0])
+    assert rt.input_names == ("a", "b") and [i["name"] for i in rt.describe()["inputs"]] == ["a", "b"]
+    assert rt.run({"b": b, "a": a}).tolist() == [2.0, 3.0] == rt.run((a, b)).tolist()
     with pytest.raises(UserError, match="2 inputs"):
-        OrtCpuRuntime(path)
+        rt.run(a)
+    with pytest.raises(UserError, match="takes 2 inputs"):
+        rt.run((a,))
+    with pytest.raises(UserError, match="takes inputs a, b"):
+        rt.run({"a": a})
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

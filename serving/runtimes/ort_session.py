@@ -156,8 +156,24 @@ def make_session(path: str | Path, providers: Sequence[ProviderSpec], *, sess_op
 
 
 @dataclass(frozen=True)
+class InputInfo:
+    """One graph input: name, shape (symbolic dimensions as names), ORT type and the numpy dtype to feed."""
+
+    name: str
+    shape: list[int | str | None]
+    type: str
+    dtype: np.dtype
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": self.shape, "type": self.type}
+
+
+@dataclass(frozen=True)
 class SessionIO:
-    """The single input and the first output of a session: what every ORT runtime needs to feed it."""
+    """The (first) input and the first output of a session: what every ORT runtime needs to feed it.
+
+    ``inputs`` lists every input in graph order (one entry for a single-input model).
+    """
 
     input_name: str
     input_shape: list[int | str | None]
@@ -166,30 +182,42 @@ class SessionIO:
     output_name: str
     output_shape: list[int | str | None]
     output_type: str
+    inputs: tuple[InputInfo, ...] = ()
 
     def describe(self) -> dict[str, Any]:
-        return {"input": {"name": self.input_name, "shape": self.input_shape, "type": self.input_type},
-                "output": {"name": self.output_name, "shape": self.output_shape, "type": self.output_type}}
+        out = {"input": {"name": self.input_name, "shape": self.input_shape, "type": self.input_type},
+               "output": {"name": self.output_name, "shape": self.output_shape, "type": self.output_type}}
+        if len(self.inputs) > 1:
+            out["inputs"] = [i.describe() for i in self.inputs]
+        return out
 
 
-def session_io(session: Any, path: str | Path) -> SessionIO:
-    """Name, shape and type of the one input and first output; several inputs are a user error."""
+def session_io(session: Any, path: str | Path, *, multi_input: bool = False) -> SessionIO:
+    """Name, shape and type of the input(s) and first output.
+
+    Several inputs are a user error unless ``multi_input`` (a runtime that can feed them: ``OrtCpuRuntime``);
+    the ``input_*`` fields then describe the first one and ``inputs`` all of them.
+    """
     inputs = session.get_inputs()
-    if len(inputs) != 1:
+    if len(inputs) != 1 and not (multi_input and inputs):
         names = ", ".join(i.name for i in inputs)
         raise UserError(
-            f"{path} has {len(inputs)} inputs ({names}); lrdeploy serving runs single-input models",
-            hint="export the model with one input tensor",
+            f"{path} has {len(inputs)} inputs ({names}); this runtime runs single-input models",
+            hint="export the model with one input tensor, or use the ort-cpu runtime",
         )
+    infos = tuple(
+        InputInfo(i.name, list(i.shape), i.type, np.dtype(ORT_DTYPES.get(i.type, np.float32))) for i in inputs
+    )
     output = session.get_outputs()[0]
     return SessionIO(
-        input_name=inputs[0].name,
-        input_shape=list(inputs[0].shape),
-        input_type=inputs[0].type,
-        input_dtype=np.dtype(ORT_DTYPES.get(inputs[0].type, np.float32)),
+        input_name=infos[0].name,
+        input_shape=infos[0].shape,
+        input_type=infos[0].type,
+        input_dtype=infos[0].dtype,
         output_name=output.name,
         output_shape=list(output.shape),
         output_type=output.type,
+        inputs=infos,
     )
 
 

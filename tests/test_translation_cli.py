@@ -1,0 +1,153 @@
+"""The Transformer (Multi30k de→en) through the ordinary commands: train (dense, Cuttlefish, Maestro) → export
+(two int64 inputs, dynamic batch and lengths, ORT matches PyTorch) → compare (perplexity, BLEU, token parity).
+
+A tiny model (d_model 32, one encoder and one decoder layer) on the first 300 training pairs, so the whole
+file stays well under a minute and a half on a 2-core box.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lrdeploy.cli import app
+
+runner = CliRunner()
+TINY = ("d_model=32", "nhead=2", "num_encoder_layers=1", "num_decoder_layers=1", "dim_feedforward=64",
+        "max_len=32", "dropout=0.0")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def train(data_dir, out, *extra):
+    model_args = [a for kv in TINY for a in ("--model-arg", kv)]
+    r = invoke("train", "--model", "transformer", "--data", "multi30k", "--data-dir", data_dir, *model_args,
+               "--limit-train", "300", "--limit-test", "50", "--batch-size", "64", "--out", out, *extra)
+    assert r.exit_code == 0, r.output
+    assert "perplexity" in r.output and "BLEU" in r.output
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, data_dir):
+    """train dense + Cuttlefish, export both, compare the two ONNX files; one thread (shared CI box)."""
+    root = tmp_path_factory.mktemp("translation")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {"root": root}
+        out["dense"] = train(data_dir, root / "dense", "--epochs", "1")
+        # two epochs: Cuttlefish switches after the first at the earliest (window=1 lets the detector fire)
+        out["cuttlefish"] = train(data_dir, root / "cuttlefish", "--epochs", "2", "--method", "cuttlefish",
+                                  "--method-opt", "window=1")
+        for name in ("dense", "cuttlefish"):
+            r = invoke("export", root / name, "--out", root / f"{name}.onnx")
+            assert r.exit_code == 0, r.output
+            out[f"export_{name}"] = r.output
+        r = invoke("compare", root / "dense.onnx", root / "cuttlefish.onnx", "--data-dir", data_dir,
+                   "--limit-test", "20", "--batch", "1,4", "--threads", "1", "--seconds", "0.05",
+                   "--max-bleu-drop", "100", "--max-perplexity-increase", "10",
+                   "--json", root / "report.json")
+        assert r.exit_code == 0, r.output
+        out["compare_output"] = r.output
+        out["report"] = json.loads((root / "report.json").read_text())
+        yield out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_train_writes_translation_bundles(pipeline):
+    for name in ("dense", "cuttlefish"):
+        m = pipeline[name]
+        assert m["model"]["name"] == "transformer" and m["model"]["input_shape"] == [32]
+        assert m["model"]["args"]["src_vocab"] > 1000 and m["model"]["args"]["d_model"] == 32
+        assert m["dataset"]["name"] == "multi30k" and m["dataset"]["task"] == "translation"
+        assert m["dataset"]["train_examples"] == 300
+        assert set(m["tokenizers"]) == {"src", "tgt"}
+        metrics = m["metrics"]
+        assert metrics["test_samples"] == 50 and metrics["test_perplexity"] > 1
+        assert 0 <= metrics["test_bleu"] <= 100 and 0 <= metrics["test_token_accuracy"] <= 1
+        assert m["flops"] > 0 and m["params"] > 0
+        assert m["method"]["train"]["optimizer"] == "adamw"  # translation defaults, not the SGD recipe
+    cf = pipeline["cuttlefish"]["method"]
+    assert cf["name"] == "cuttlefish" and cf["settings"]["window"] == 1 and cf["log"]["switched"]
+    assert cf["train"]["epochs"] == 2
+
+
+def test_export_has_two_int64_inputs_with_dynamic_axes_and_matches_torch(pipeline, data_dir):
+    onnx = pytest.importorskip("onnx")
+    from lrdeploy.bundle import load_bundle
+    from lrdeploy.data.multi30k import load_translation, tokenizers_from_dict
+    from lrdeploy.exporters.onnx import read_export_info
+    from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
+
+    root = pipeline["root"]
+    assert "parity rel-L2" in pipeline["export_dense"]
+    proto = onnx.load(str(root / "dense.onnx"))
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in proto.graph.input}
+    assert dims == {"src": ["batch", "src_len"], "tgt_in": ["batch", "tgt_len"]}
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.INT64 for v in proto.graph.input)
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    info = read_export_info(root / "dense.onnx")
+    assert [i["name"] for i in info["inputs"]] == ["src", "tgt_in"] and info["output_name"] == "logits"
+    assert (root / "dense.ort.onnx").is_file()
+
+    bundle = load_bundle(root / "cuttlefish")
+    test = load_translation("multi30k", "test", data_dir, limit=5, max_len=32,
+                            tokenizers=tokenizers_from_dict(bundle.manifest["tokenizers"]))
+    with torch.inference_mode():
+        ref = bundle.model(test.src, test.tgt_in).numpy()
+    rt = OrtCpuRuntime(root / "cuttlefish.onnx", threads=1)
+    out = rt.run({"src": test.src.numpy(), "tgt_in": test.tgt_in.numpy()})
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
+    assert np.array_equal(out, rt.run((test.src.numpy(), test.tgt_in.numpy())))
+
+
+def test_compare_reports_perplexity_bleu_and_token_parity(pipeline):
+    report = pipeline["report"]
+    assert {"schema", "reference", "candidate", "ratios", "task", "parity", "latency", "environment",
+            "budget", "verdict"} <= set(report)
+    task = report["task"]
+    assert task["task"] == "translation" and task["samples"] == 20 and task["split"] == "test"
+    for side in ("reference", "candidate"):
+        assert set(task[side]) == {"loss", "perplexity", "token_accuracy", "bleu"}
+        assert task[side]["perplexity"] > 1 and 0 <= task[side]["bleu"] <= 100
+    # ORT's teacher-forced numbers agree with the bundle's (PyTorch) on the same first sentences' prefix
+    assert report["reference"]["method"] == "dense" and report["candidate"]["method"] == "cuttlefish"
+    parity = report["parity"]
+    assert parity["output"] == "logits"
+    assert parity["shape"][1] == pipeline["dense"]["model"]["args"]["tgt_vocab"]
+    assert 0 <= parity["top1_agreement"] <= 1 and parity["rel_l2"] >= 0
+    assert set(report["latency"]) == {"1", "4"} and report["latency"]["4"]["speedup"] > 0
+    assert report["environment"]["latency_inputs"]["4"]["src"][0] == 4
+    names = [c["name"] for c in report["budget"]["checks"]]
+    assert names == ["BLEU drop (points)", "perplexity increase (relative)"] and report["budget"]["passed"]
+    assert "perplexity" in pipeline["compare_output"] and "BLEU" in pipeline["compare_output"]
+
+
+def test_maestro_trains_the_transformer(tmp_path, data_dir):
+    torch.set_num_threads(1)
+    m = train(data_dir, tmp_path / "maestro", "--epochs", "1", "--method", "maestro")
+    assert m["method"]["name"] == "maestro" and m["method"]["final_ranks"]
+    kinds = {layer["kind"] for layer in m["structure"].values()}
+    assert "maestro_linear" in kinds
+    assert "generator" not in m["structure"]  # the classifier stays dense
+
+
+def test_task_mismatches_are_user_errors(tmp_path, data_dir, pipeline):
+    r = invoke("train", "--model", "transformer", "--data", "mnist", "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "translation model" in r.output
+    r = invoke("train", "--model", "lenet5", "--data", "multi30k", "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "translation dataset" in r.output
+    r = invoke("init", "--model", "lenet5", "--out", tmp_path / "lenet")
+    assert r.exit_code == 0, r.output
+    r = invoke("compare", pipeline["root"] / "dense.onnx", tmp_path / "lenet", "--data-dir", data_dir,
+               "--threads", "1")
+    assert r.exit_code == 2 and "not a translation model" in r.output
