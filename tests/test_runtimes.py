@@ -416,10 +416,17 @@ def test_torch_runtime_keeps_integer_inputs():
 
 
 class _Allocates(torch.nn.Module):
-    """Touches 32 MiB of fresh memory per call, then frees it: only a peak measurement can see it."""
+    """Touches 32 MiB more fresh memory on each call than on the one before, then frees it: only a peak
+    measurement can see it. (A fixed size is not enough: after the first free, glibc may keep the block
+    resident in the heap and hand it back, so a second call of the same size touches no new page.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
 
     def forward(self, x):
-        big = torch.ones(8 * 1024 * 1024)
+        self.calls += 1
+        big = torch.ones(8 * 1024 * 1024 * self.calls)
         return x + big[:1]
 
 
