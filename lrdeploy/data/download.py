@@ -80,9 +80,27 @@ def download_dataset(
         return target
     bases = list(mirrors) if mirrors is not None else list(spec.mirrors)
     known = _known_digests()
+    return fetch_files(needed, bases, root, target, title=spec.title, timeout=timeout, known=known)
+
+
+def fetch_files(
+    needed: Sequence[FileSpec],
+    bases: Sequence[str],
+    root: Path,
+    target: Path,
+    *,
+    title: str,
+    timeout: float,
+    known: dict[str, str] | None = None,
+) -> Path:
+    """Fetch every file of ``needed`` (FileSpecs) from the first mirror in ``bases`` that serves a verified
+    copy, into a hidden staging folder under ``root``; move them into ``target`` only when all passed.
+
+    All or nothing: a failure leaves no file and no folder this call created.
+    """
     created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.download-", dir=root))
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.download-", dir=root))
     ok = False
     try:
         for f in needed:
@@ -91,7 +109,7 @@ def download_dataset(
             for base in bases:
                 url = base.rstrip("/") + "/" + f.filename
                 try:
-                    _fetch(url, tmp, limit=f.size + (1 << 20), timeout=timeout)
+                    _fetch(url, tmp, limit=f.size + (1 << 20), timeout=timeout)  # gzip is smaller than text
                     read_verified(tmp, f.sha256, f.size, what=f"downloaded from {url}", known=known)
                     break
                 except UserError as exc:
@@ -101,7 +119,7 @@ def download_dataset(
             else:
                 reasons = "; ".join(failures) or "no mirror given"
                 raise UserError(
-                    f"could not download {spec.title} {f.filename}: {reasons}",
+                    f"could not download {title} {f.filename}: {reasons}",
                     hint="check the network, or fetch the files by hand and pass --data-dir",
                 )
         target.mkdir(exist_ok=True)

@@ -12,11 +12,7 @@ The usual split is train / val / test_2016_flickr (29000 / 1014 / 1000 pairs); `
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-import urllib.error
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +184,7 @@ def download_translation(
     missing file is tried on each mirror (any urllib scheme; tests use ``file://``), verified in a staging
     folder and only then moved into place, so a failed download leaves nothing behind.
     """
-    from lrdeploy.data.download import _fetch
+    from lrdeploy.data.download import fetch_files
 
     spec = get_translation_spec(name)
     root = Path(dest).expanduser() if dest is not None else default_cache_dir()
@@ -208,41 +204,7 @@ def download_translation(
     if not needed:
         return target
     bases = list(mirrors) if mirrors is not None else list(spec.mirrors)
-    created = [p for p in (root, *root.parents) if not p.exists()]
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{spec.folder}.download-", dir=root))
-    ok = False
-    try:
-        for f in needed:
-            tmp = stage / f.filename
-            failures = []
-            for base in bases:
-                url = base.rstrip("/") + "/" + f.filename
-                try:
-                    _fetch(url, tmp, limit=f.size + (1 << 20), timeout=timeout)  # gzip is smaller than text
-                    read_verified(tmp, f.sha256, f.size, what=f"downloaded from {url}")
-                    break
-                except UserError as exc:
-                    failures.append(f"{url}: {exc.message}")
-                except (urllib.error.URLError, OSError, ValueError) as exc:
-                    failures.append(f"{url}: {exc}")
-            else:
-                reasons = "; ".join(failures) or "no mirror given"
-                raise UserError(
-                    f"could not download {spec.title} {f.filename}: {reasons}",
-                    hint="check the network, or fetch the files by hand and pass --data-dir",
-                )
-        target.mkdir(exist_ok=True)
-        for f in needed:
-            os.replace(stage / f.filename, target / f.filename)
-        ok = True
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if not ok:  # remove only the (then empty) folders this call created
-            for p in created:
-                with contextlib.suppress(OSError):
-                    p.rmdir()
-    return target
+    return fetch_files(needed, bases, root, target, title=spec.title, timeout=timeout)
 
 
 # --- reading ---
