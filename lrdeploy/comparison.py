@@ -79,9 +79,7 @@ def _onnx_params(path: Path) -> int:
 
 
 def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
-    """Load a bundle (and export it) or check an .onnx file; a bad path is a one-line UserError.
-
-    """
+    """Load a bundle (and export it) or check an .onnx file; a bad path is a one-line UserError."""
     from lrdeploy.exporters.onnx import export_onnx, load_onnx_checked, read_onnx_metadata
 
     path = Path(path)
