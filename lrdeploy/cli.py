@@ -164,7 +164,8 @@ def train(
         console.print(
             f"test perplexity {metrics['test_perplexity']:.2f}, "
             f"token accuracy {metrics['test_token_accuracy']:.2%}"
-            + (f", BLEU {bleu:.2f}" if bleu is not None else "") + f" — bundle written to [bold]{out}[/]"
+            + (f", BLEU {bleu:.2f}" if bleu is not None else "")
+            + f" — bundle written to [bold]{out}[/]"
         )
     else:
         console.print(f"test accuracy {metrics['test_accuracy']:.2%} — bundle written to [bold]{out}[/]")
@@ -232,25 +233,107 @@ def export(
         ..., "--out", help="ONNX file to write (the ORT-optimised copy goes beside it)."
     ),
     opset: int = typer.Option(20, "--opset", min=13),
-    optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Also write <stem>.ort.onnx."),
+    optimize: str = typer.Option(
+        "all",
+        "--optimize",
+        help="ORT-optimised copy <stem>.ort.onnx: none, basic (portable) or all (ORT only).",
+    ),
+    fold: str = typer.Option(
+        "auto",
+        "--fold",
+        help="auto: per layer, keep U·V or re-multiply W, whichever ONNX Runtime runs faster.",
+    ),
+    fold_batch: int = typer.Option(
+        1, "--fold-batch", min=1, help="Batch size the fold decision is timed at."
+    ),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Threads for the fold timing."),
     rank_budget: float | None = typer.Option(
         None,
         "--rank-budget",
         help="Maestro bundles: keep the most important components, this share of factors.",
     ),
     data_dir: Path | None = DataDir,
+    trt: bool = typer.Option(
+        False, "--trt", help="Also build a TensorRT engine (<stem>.plan) from the ONNX file."
+    ),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="fp16 or int8: also write <stem>.<precision>.onnx, judged against fp32 (preset + accuracy); "
+        "with --trt, the engine's precision.",
+    ),
+    min_batch: int = typer.Option(1, "--min-batch", min=1),
+    opt_batch: int | None = typer.Option(None, "--opt-batch", min=1),
+    max_batch: int | None = typer.Option(None, "--max-batch", min=1),
+    sparse_weights: bool = typer.Option(
+        False, "--sparse-weights", help="Enable 2:4 sparse tactics (TensorRT)."
+    ),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file."),
 ) -> None:
-    """Fold a bundle and export it to ONNX (checked, parity-verified, manifest in metadata)."""
+    """Fold a bundle and export it to ONNX (checked, parity-verified, manifest in metadata); --trt too."""
     from lrdeploy.workflows import export_bundle
 
-    result = export_bundle(
-        bundle, out, opset=opset, optimize=optimize, rank_budget=rank_budget, data_dir=data_dir
+    if optimize not in ("none", "basic", "all"):
+        raise UserError(f"--optimize {optimize!r} is not known", "use none, basic or all")
+    if precision not in ("fp32", "fp16", "bf16", "int8"):
+        raise UserError(f"--precision {precision!r} is not known", "use fp32, fp16, bf16 or int8")
+    if trt:  # fail before the work when TensorRT or a GPU is missing
+        from lrdeploy.exporters.tensorrt import import_tensorrt
+
+        import_tensorrt()
+    result, report = export_bundle(
+        bundle,
+        out,
+        opset=opset,
+        optimize=optimize == "all",
+        rank_budget=rank_budget,
+        data_dir=data_dir,
+        fold=fold,
+        fold_batch=fold_batch,
+        threads=threads,
     )
+    if optimize == "basic":  # portable ONNX-level optimisation instead of ORT's contrib-op graph
+        from lrdeploy.exporters.onnx import optimized_path_for
+        from lrdeploy.exporters.optimize import optimize_onnx
+
+        optimize_onnx(out, optimized_path_for(out), "basic")
+    if fold == "auto":
+        report.render(console)
     console.print(
         f"exported [bold]{result.path}[/] ({result.exporter} exporter, opset {result.opset}, "
-        f"{result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e})"
+        f"{result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e}); fold report "
+        f"{Path(out).with_suffix('.fold.json')}"
         + (f"; ORT-optimised copy: {result.optimized_path}" if result.optimized_path else "")
     )
+    if precision in ("fp16", "int8"):
+        from lrdeploy.workflows import export_precision_variant
+
+        variant = export_precision_variant(bundle, out, precision, data_dir=data_dir)
+        verdict = "PASS" if variant.passed else "FAIL: " + "; ".join(variant.failures)
+        acc = variant.accuracy or {}
+        console.print(
+            f"{precision} variant [bold]{Path(out).with_suffix(f'.{precision}.onnx')}[/] ({variant.method}): "
+            f"rel-L2 {variant.parity.get('rel_l2', float('nan')):.1e}, accuracy delta "
+            f"{100 * acc.get('delta', float('nan')):+.2f} points — {verdict}"
+        )
+        if not variant.passed and not trt:
+            raise typer.Exit(code=1)
+    if trt:
+        from lrdeploy.exporters.tensorrt import build_engine
+
+        built = build_engine(
+            out,
+            Path(out).with_suffix(".plan"),
+            min_batch=min_batch,
+            opt_batch=opt_batch,
+            max_batch=max_batch,
+            precision=precision,
+            sparse_weights=sparse_weights,
+            timing_cache=timing_cache,
+        )
+        console.print(f"TensorRT engine [bold]{built.engine_path}[/] (sidecar {built.sidecar_path})")
+        for note in built.notes:
+            console.print(f"note: {note}")
 
 
 Precision = typer.Option(
@@ -344,12 +427,18 @@ def _fail_on_misses(report: dict[str, Any]) -> None:
     """Exit 1 naming every missed budget and every parity statistic outside its preset."""
     budget = report.get("budget") or {}
     if not budget.get("passed", True):
-        err_console.print(f"[bold red]budget missed:[/] {'; '.join(budget.get('failures', []))}",
-                          soft_wrap=True, highlight=False)
+        err_console.print(
+            f"[bold red]budget missed:[/] {'; '.join(budget.get('failures', []))}",
+            soft_wrap=True,
+            highlight=False,
+        )
     parity = report.get("parity") or {}
     if parity.get("failures"):
-        err_console.print(f"[bold red]parity ({parity.get('precision')}) failed:[/] "
-                          f"{'; '.join(parity['failures'])}", soft_wrap=True, highlight=False)
+        err_console.print(
+            f"[bold red]parity ({parity.get('precision')}) failed:[/] {'; '.join(parity['failures'])}",
+            soft_wrap=True,
+            highlight=False,
+        )
     if not budget.get("passed", True) or parity.get("failures"):
         raise typer.Exit(code=1)
 
@@ -382,17 +471,23 @@ def check(
     with tempfile.TemporaryDirectory(prefix="lrdeploy-check-") as tmp:
         art = resolve_artifact("candidate", candidate, Path(tmp))
         if is_translation_manifest(art.manifest):
-            raise UserError("golden checks of translation models are not supported yet",
-                            "golden sets hold one input tensor; translation models take two")
-        result = check_golden(gold, OrtCpuRuntime(art.onnx_path, threads=threads), precision=precision,
-                              candidate=art.summary())
+            raise UserError(
+                "golden checks of translation models are not supported yet",
+                "golden sets hold one input tensor; translation models take two",
+            )
+        result = check_golden(
+            gold, OrtCpuRuntime(art.onnx_path, threads=threads), precision=precision, candidate=art.summary()
+        )
     console.print(render_check_table(result))
     if json_path is not None:
         write_json(json_path, result)
         console.print(f"JSON result: [bold]{json_path}[/]")
     if not result["passed"]:
-        err_console.print(f"[bold red]golden check failed ({result['precision']}):[/] "
-                          f"{'; '.join(result['failures'])}", soft_wrap=True, highlight=False)
+        err_console.print(
+            f"[bold red]golden check failed ({result['precision']}):[/] {'; '.join(result['failures'])}",
+            soft_wrap=True,
+            highlight=False,
+        )
         raise typer.Exit(code=1)
 
 

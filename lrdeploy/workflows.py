@@ -180,10 +180,12 @@ def train_translation_bundle(req: TrainRequest) -> dict[str, Any]:
     model_max = req.model_args.get("max_len", spec.default_args.get("max_len", TRANSLATION_MAX_LEN))
     max_len = min(TRANSLATION_MAX_LEN, int(model_max)) if isinstance(model_max, int) else TRANSLATION_MAX_LEN
     tokenizers = build_tokenizers(req.dataset, req.data_dir)
-    train_set = load_translation(req.dataset, "train", req.data_dir, limit=req.limit_train,
-                                 tokenizers=tokenizers, max_len=max_len)
-    test_set = load_translation(req.dataset, "test", req.data_dir, limit=req.limit_test,
-                                tokenizers=tokenizers, max_len=max_len)
+    train_set = load_translation(
+        req.dataset, "train", req.data_dir, limit=req.limit_train, tokenizers=tokenizers, max_len=max_len
+    )
+    test_set = load_translation(
+        req.dataset, "test", req.data_dir, limit=req.limit_test, tokenizers=tokenizers, max_len=max_len
+    )
     model_args = {"src_vocab": len(tokenizers[0]), "tgt_vocab": len(tokenizers[1]), **req.model_args}
     torch.manual_seed(req.seed)  # the initial weights are part of the run: seed them too
     model = create_model(req.model_name, **model_args)
@@ -193,13 +195,15 @@ def train_translation_bundle(req: TrainRequest) -> dict[str, Any]:
     result = train_translation(model, train_set, test_set, config, hooks=[hook] if hook is not None else [])
     model = compact(result.model)  # Maestro keeps dead components in storage while training; drop them
     metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.metrics.items()}
-    metrics.update({
-        "test_samples": len(test_set),
-        "train_loss": result.train_loss,
-        "train_seconds": result.seconds,
-        "train_tokens_per_s": result.tokens_per_s,
-        "history": result.history,
-    })
+    metrics.update(
+        {
+            "test_samples": len(test_set),
+            "train_loss": result.train_loss,
+            "train_seconds": result.seconds,
+            "train_tokens_per_s": result.tokens_per_s,
+            "history": result.history,
+        }
+    )
     method = hook.manifest_record() if hook is not None else {"name": "dense"}
     method["train"] = config.to_dict()
     dataset = _dataset_record(train_set, len(train_set))
@@ -228,8 +232,10 @@ def _check_translation_model(
         with torch.no_grad():
             model(dataset.src[:1], dataset.tgt_in[:1])
     except (RuntimeError, IndexError) as exc:
-        raise UserError(f"model {model_name} cannot take {dataset_name} sentence pairs ({exc})",
-                        "check the --model-arg values (vocabulary sizes come from the data)") from None
+        raise UserError(
+            f"model {model_name} cannot take {dataset_name} sentence pairs ({exc})",
+            "check the --model-arg values (vocabulary sizes come from the data)",
+        ) from None
     finally:
         model.train(was_training)
 
@@ -392,6 +398,14 @@ def _compression_table(report: Any, dense_params: int, params: int) -> Table:
     return table
 
 
+def _example_input(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
+    """One example batch for tracing layer input sizes (the model's own for multi-input models)."""
+    make = getattr(model, "example_inputs", None)
+    if callable(make):
+        return tuple(make(1, *input_shape, *input_shape))
+    return torch.randn((1, *input_shape))
+
+
 def export_bundle(
     bundle_path: Path,
     out: Path,
@@ -401,41 +415,107 @@ def export_bundle(
     rank_budget: float | None = None,
     data_dir: Path | None = None,
     calibration_examples: int = 2048,
-) -> Any:
-    """Export a bundle to ONNX; with ``rank_budget``, first cut a Maestro model to that share of its factors.
+    fold: str = "factored",
+    fold_batch: int = 1,
+    threads: int | None = None,
+) -> tuple[Any, Any]:
+    """Export a bundle to ONNX; returns (ExportResult, FoldReport).
 
-    A truncated model normalises different activations, so BatchNorm statistics are recomputed on the first
+    ``fold``: "factored" keeps every factor pair, "dense" re-multiplies them, "auto" decides per layer by
+    timing both forms in ONNX Runtime at ``fold_batch`` (cached); the report goes to ``<stem>.fold.json``.
+    With ``rank_budget``, a Maestro model is first cut to that share of its factors; a truncated model
+    normalises different activations, so BatchNorm statistics are recomputed on the first
     ``calibration_examples`` training examples of the bundle's dataset (when the model has BatchNorm).
     """
+    import json
+
+    from lrdeploy import atomic
     from lrdeploy.bundle import Bundle, load_bundle
+    from lrdeploy.exporters.fold import fold_with_report
     from lrdeploy.exporters.onnx import export_onnx
     from lrdeploy.flops import count_flops, count_params
     from lrdeploy.layers.structure import describe
 
     if Path(out).suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx", "e.g. --out model.onnx")
+    if fold not in ("factored", "dense", "auto"):
+        raise UserError(f"--fold {fold!r} is not known", "use auto, factored or dense")
     bundle = load_bundle(bundle_path)
-    if rank_budget is None:
-        return export_onnx(bundle, out, opset=opset, optimize=optimize)
+    model, manifest = bundle.model, dict(bundle.manifest)
+    if rank_budget is not None:
+        from lrdeploy.exporters.budget import truncate_to_budget
 
-    from lrdeploy.exporters.budget import truncate_to_budget
+        calibration = None
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        ds_name = (manifest.get("dataset") or {}).get("name")
+        if has_bn and ds_name:
+            from lrdeploy.data import load_dataset
 
-    calibration = None
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in bundle.model.modules())
-    ds_name = (bundle.manifest.get("dataset") or {}).get("name")
-    if has_bn and ds_name:
+            calibration = load_dataset(ds_name, "train", data_dir=data_dir, limit=calibration_examples).x
+        model = truncate_to_budget(model, rank_budget, calibration_x=calibration).eval()
+        manifest["structure"] = describe(model)
+        manifest["params"] = count_params(model)
+        manifest["flops"] = count_flops(model, bundle.input_shape)
+        manifest["method"] = {
+            **manifest.get("method", {}),
+            "export_rank_budget": rank_budget,
+            "bn_recalibrated_on": calibration_examples if calibration is not None else None,
+        }
+        manifest["metrics"] = {"note": "metrics of the untruncated model are in the source bundle"}
+    folded, report = fold_with_report(
+        model,
+        fold,
+        example_input=_example_input(model, bundle.input_shape),
+        batch_size=fold_batch,
+        threads=threads,
+    )
+    manifest["fold"] = report.to_dict().get("summary", {"mode": fold})
+    result = export_onnx(Bundle(bundle.path, manifest, folded), out, opset=opset, optimize=optimize)
+    atomic.write_text(
+        Path(out).with_suffix(".fold.json"), json.dumps(report.to_dict(), indent=2, default=str)
+    )
+    return result, report
+
+
+def export_precision_variant(
+    bundle_path: Path,
+    onnx_path: Path,
+    precision: str,
+    *,
+    data_dir: Path | None = None,
+    calibration_examples: int = 256,
+    test_examples: int = 1000,
+) -> Any:
+    """Write ``<stem>.<precision>.onnx`` from the exported fp32 graph and judge it against fp32.
+
+    int8 calibrates on the first training examples of the bundle's dataset (static QDQ for conv nets,
+    dynamic for Linear-heavy ones) and is judged, like fp16, on held-out test examples: the precision's
+    tolerance preset plus the accuracy delta.
+    """
+    from lrdeploy.bundle import read_manifest
+    from lrdeploy.exporters.precision import convert_precision
+
+    ds_name = (read_manifest(bundle_path).get("dataset") or {}).get("name")
+    calibration = test_x = labels = None
+    if ds_name:
         from lrdeploy.data import load_dataset
 
-        calibration = load_dataset(ds_name, "train", data_dir=data_dir, limit=calibration_examples).x
-    small = truncate_to_budget(bundle.model, rank_budget, calibration_x=calibration).eval()
-    manifest = dict(bundle.manifest)
-    manifest["structure"] = describe(small)
-    manifest["params"] = count_params(small)
-    manifest["flops"] = count_flops(small, bundle.input_shape)
-    manifest["method"] = {
-        **manifest.get("method", {}),
-        "export_rank_budget": rank_budget,
-        "bn_recalibrated_on": calibration_examples if calibration is not None else None,
-    }
-    manifest["metrics"] = {"note": "metrics of the untruncated model are in the source bundle"}
-    return export_onnx(Bundle(bundle.path, manifest, small), out, opset=opset, optimize=optimize)
+        if precision == "int8":
+            calibration = load_dataset(
+                ds_name, "train", data_dir=data_dir, limit=calibration_examples
+            ).x.numpy()
+        test = load_dataset(ds_name, "test", data_dir=data_dir, limit=test_examples)
+        test_x, labels = test.x.numpy(), test.y.numpy()
+    elif precision == "int8":
+        raise UserError(
+            f"bundle {bundle_path} records no dataset to calibrate int8 on",
+            "use --precision fp16, or re-train",
+        )
+    return convert_precision(
+        onnx_path,
+        Path(onnx_path).with_suffix(f".{precision}.onnx"),
+        precision,
+        calibration=calibration,
+        test_inputs=test_x,
+        labels=labels,
+    )

@@ -1,0 +1,78 @@
+"""`lrdeploy export` options: fold modes, precision variants, optimisation presets, --trt without TensorRT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from lrdeploy.compress import compress
+from lrdeploy.models import create_model
+
+from .test_cli import assert_user_error, invoke, lrdeploy_subprocess
+
+
+@pytest.fixture(scope="module")
+def lowrank_bundle(tmp_path_factory):
+    from lrdeploy.bundle import save_bundle
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = create_model("lenet5")
+    compress(model, rank_ratio=0.25)
+    args = {"num_classes": 10}
+    save_bundle(root / "b", model, model_name="lenet5", model_args=args, method={"name": "svd"}, dataset={},
+                metrics={})
+    return root / "b"
+
+
+def _run(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_fold_modes_give_the_same_function(lowrank_bundle, tmp_path):
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    outs, nodes = {}, {}
+    for mode in ("factored", "dense", "auto"):
+        path = tmp_path / f"{mode}.onnx"
+        r = invoke("export", lowrank_bundle, "--out", path, "--fold", mode, "--fold-batch", "1")
+        assert r.exit_code == 0, r.output
+        outs[mode] = _run(path, x)
+        report = json.loads(path.with_suffix(".fold.json").read_text())
+        nodes[mode] = {layer["name"]: layer["decision"] for layer in report["layers"]}
+    assert set(nodes["factored"].values()) == {"factored"} and set(nodes["dense"].values()) == {"dense"}
+    for mode in ("dense", "auto"):
+        np.testing.assert_allclose(outs[mode], outs["factored"], rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_variant_and_basic_optimisation(lowrank_bundle, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = invoke("export", lowrank_bundle, "--out", out, "--precision", "fp16", "--optimize", "basic")
+    assert r.exit_code == 0, r.output
+    assert out.with_suffix(".fp16.onnx").exists() and (tmp_path / "m.ort.onnx").exists()
+    x = np.random.default_rng(1).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(_run(out.with_suffix(".fp16.onnx"), x), _run(out, x), rtol=5e-2, atol=5e-2)
+
+
+def test_bad_export_options(lowrank_bundle, tmp_path):
+    for flag, value in (("--fold", "sideways"), ("--optimize", "max"), ("--precision", "fp8")):
+        proc = lrdeploy_subprocess("export", lowrank_bundle, "--out", tmp_path / "x.onnx", flag, value)
+        assert_user_error(proc, value)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_trt_without_tensorrt_is_one_line(lowrank_bundle, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorrt is installed here: this test covers machines without it")
+    proc = lrdeploy_subprocess("export", lowrank_bundle, "--out", tmp_path / "t.onnx", "--trt")
+    assert_user_error(proc, "tensorrt")
+    assert not (tmp_path / "t.onnx").exists()
