@@ -221,6 +221,7 @@ def _plain_ort_speedup(dense: Path, lowrank: Path, batch: int, rounds: int = 5,
     return statistics.median(ratios)
 
 
+@pytest.mark.slow  # a timed assertion: run with `pytest -m slow`; kept out of CI (see docs/benchmarks.md)
 def test_speedup_agrees_with_a_plain_onnxruntime_loop(tmp_path):
     """The issue's independent check: `lrdeploy bench` vs a hand-written ORT loop, within 10 %.
 
