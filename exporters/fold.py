@@ -288,3 +288,24 @@ def _capture_input_shapes(model: nn.Module, layers: list[tuple[str, nn.Module]],
         for h in handles:
             h.remove()
     return shapes
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, str]:
+    """Fold every BatchNorm that directly follows a convolution into that convolution's weights and bias.
+
+    ONNX Runtime and TensorRT fuse Conv+BatchNorm when they load a graph. Folding offline makes the exported
+    graph the exact inference form for every runtime, and a factor pair followed by BN becomes plain convs.
+    torch.fx finds the Conv→BN pairs, so the model must be traceable. A model that is not traceable (e.g. one
+    with data-dependent control flow) is returned unchanged, together with the reason. Works on a deep copy
+    in eval mode.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model, "no BatchNorm"
+    try:
+        fused = fuse(copy.deepcopy(model).eval())
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds of trace errors; all mean "not traceable"
+        return model, f"left to the runtime (not fx-traceable: {type(exc).__name__})"
+    left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    return fused, f"folded offline ({left} BatchNorm not after a conv left)" if left else "folded offline"

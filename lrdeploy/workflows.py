@@ -431,7 +431,7 @@ def export_bundle(
 
     from lrdeploy import atomic
     from lrdeploy.bundle import Bundle, load_bundle
-    from lrdeploy.exporters.fold import fold_with_report
+    from lrdeploy.exporters.fold import fold_batchnorm, fold_with_report
     from lrdeploy.exporters.onnx import export_onnx
     from lrdeploy.flops import count_flops, count_params
     from lrdeploy.layers.structure import describe
@@ -469,7 +469,8 @@ def export_bundle(
         batch_size=fold_batch,
         threads=threads,
     )
-    manifest["fold"] = report.to_dict().get("summary", {"mode": fold})
+    folded, bn_note = fold_batchnorm(folded)
+    manifest["fold"] = {**report.to_dict().get("summary", {"mode": fold}), "batchnorm": bn_note}
     result = export_onnx(Bundle(bundle.path, manifest, folded), out, opset=opset, optimize=optimize)
     atomic.write_text(
         Path(out).with_suffix(".fold.json"), json.dumps(report.to_dict(), indent=2, default=str)

@@ -189,3 +189,40 @@ def test_rich_table_renders():
     report.render(console)
     text = console.export_text()
     assert "fc1" in text and "factored" in text and "Conv 6→16 k5x5 s1" in text
+
+
+def test_batchnorm_after_conv_folds_offline_exactly():
+    """Conv→BN pairs (plain and factorised) become single convs with the same output; no BN is left."""
+    from lrdeploy.compress import compress
+    from lrdeploy.exporters.fold import fold_batchnorm, fold_model
+    from lrdeploy.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", width=8)
+    compress(model, rank_ratio=0.5)
+    with torch.no_grad():  # non-trivial running statistics
+        model.train()(torch.randn(8, 3, 32, 32))
+    model.eval()
+    folded, note = fold_batchnorm(fold_model(model, "factored"))
+    assert note == "folded offline"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_fold_leaves_untraceable_models_alone():
+    from lrdeploy.exporters.fold import fold_batchnorm
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: not fx-traceable
+                return self.bn(self.conv(x))
+            return self.bn(self.conv(-x))
+
+    model = Branchy().eval()
+    same, note = fold_batchnorm(model)
+    assert same is model and "not fx-traceable" in note
