@@ -80,7 +80,7 @@ def _onnx_params(path: Path) -> int:
 
 def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
     """Load a bundle (and export it) or check an .onnx file; a bad path is a one-line UserError."""
-    from lrdeploy.exporters.onnx import export_onnx, load_onnx_checked, read_onnx_metadata
+    from lrdeploy.exporters.onnx import load_onnx_checked, read_onnx_metadata
 
     path = Path(path)
     if not path.exists():
@@ -92,7 +92,9 @@ def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
         bundle = load_bundle(path)
         weights = path / "weights.safetensors"
         onnx_path = workdir / f"{label}.onnx"
-        export_onnx(bundle, onnx_path, optimize=False)
+        from lrdeploy.workflows import export_bundle  # the same folding as `lrdeploy export` (--fold auto)
+
+        export_bundle(path, onnx_path, optimize=False, fold="auto")
         return Artifact(
             label=label,
             source=path,
