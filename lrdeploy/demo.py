@@ -53,11 +53,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``out`` and return the comparison report (also written to ``out`` as
     report.json, report.md and plot.png)."""
-    from lrdeploy.bundle import load_bundle, read_manifest
+    from lrdeploy.bundle import read_manifest
     from lrdeploy.comparison import compare_artifacts
-    from lrdeploy.exporters.onnx import export_onnx
     from lrdeploy.serving.report import render_compare_table
-    from lrdeploy.workflows import TrainRequest, train_bundle
+    from lrdeploy.workflows import TrainRequest, export_bundle, train_bundle
 
     console = console or Console()
     out = Path(out)
@@ -89,10 +88,14 @@ def run_demo(
         f"Cuttlefish test accuracy: {lowrank['test_accuracy']:.2%} ({lowrank['train_seconds']:.1f} s)"
     )
 
-    console.rule("[bold]3/4[/] export both to ONNX (folded, checked, parity-verified)")
+    console.rule("[bold]3/4[/] export both to ONNX (per-layer fold measured here, checked, parity-verified)")
     for bundle_dir, onnx_path in ((dense_dir, dense_onnx), (lowrank_dir, lowrank_onnx)):
-        result = export_onnx(load_bundle(bundle_dir), onnx_path)
-        console.print(f"{onnx_path}: {result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e}")
+        result, fold = export_bundle(bundle_dir, onnx_path, fold="auto")
+        summary = fold.to_dict().get("summary", {})
+        console.print(
+            f"{onnx_path}: {result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e}; "
+            f"fold: {summary.get('factored', 0)} factored, {summary.get('dense', 0)} re-multiplied"
+        )
 
     console.rule("[bold]4/4[/] compare as deployed (ONNX Runtime, CPU)")
     report = compare_artifacts(
