@@ -203,6 +203,30 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
     return {"passed": not failures, "failures": failures}
 
 
+def assemble_report(ref: Any, cand: Any, sections: dict[str, Any]) -> dict[str, Any]:
+    """The compare report's common frame: both model summaries, size ratios, the task's sections, provenance.
+
+    ``ref``/``cand`` are artefacts with ``summary()``, ``params``, ``flops`` and ``onnx_bytes``
+    (classification and translation artefacts alike).
+    """
+    from lrdeploy.serving.report import command_line
+
+    return {
+        "schema": SCHEMA,
+        "reference": ref.summary(),
+        "candidate": cand.summary(),
+        "ratios": {
+            "params": ref.params / max(cand.params, 1),
+            "flops": (ref.flops / cand.flops) if ref.flops and cand.flops else None,
+            "onnx_bytes": ref.onnx_bytes / max(cand.onnx_bytes, 1) if cand.onnx_bytes else None,
+        },
+        **sections,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "lrdeploy_version": __version__,
+    }
+
+
 def compare_artifacts(
     dense: Path,
     candidate: Path,
@@ -253,7 +277,7 @@ def compare_artifacts(
     from lrdeploy.serving.golden import save_golden as write_golden
     from lrdeploy.serving.parity import accuracy as accuracy_of
     from lrdeploy.serving.parity import get_tolerance, judge, output_parity, run_batched
-    from lrdeploy.serving.report import command_line, latency_section, write_json, write_reports
+    from lrdeploy.serving.report import latency_section, write_json, write_reports
     from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 
     # every check on the user's arguments before the minutes of work
@@ -328,20 +352,7 @@ def compare_artifacts(
                        for b in batch_sizes}
                 for name, art in (("dense", ref), ("candidate", cand))
             }
-    report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "reference": ref.summary(),
-        "candidate": cand.summary(),
-        "ratios": {
-            "params": ref.params / max(cand.params, 1),
-            "flops": (ref.flops / cand.flops) if ref.flops and cand.flops else None,
-            "onnx_bytes": ref.onnx_bytes / max(cand.onnx_bytes, 1) if cand.onnx_bytes else None,
-        },
-        **sections,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line(),
-        "lrdeploy_version": __version__,
-    }
+    report = assemble_report(ref, cand, sections)
     if golden_record is not None:
         report["golden"] = golden_record
     report["verdict"] = verdict(report)

@@ -31,13 +31,11 @@ import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lrdeploy import __version__
 from lrdeploy.errors import UserError
 
 DEFAULT_MAX_PERPLEXITY_INCREASE = 0.10  # relative: candidate perplexity ≤ 1.1 × the dense one
@@ -377,10 +375,10 @@ def compare_translation(
 ) -> dict[str, Any]:
     """Compare two translation artefacts (see the module docstring); the report has the top-level keys of
     ``comparison.compare_artifacts`` with a ``task`` section (perplexity, token accuracy, BLEU per side)."""
-    from lrdeploy.comparison import SCHEMA, verdict
+    from lrdeploy.comparison import assemble_report, verdict
     from lrdeploy.serving.bench import benchmark
     from lrdeploy.serving.parity import get_tolerance, judge, output_parity
-    from lrdeploy.serving.report import command_line, latency_section, write_json, write_reports
+    from lrdeploy.serving.report import latency_section, write_json, write_reports
     from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 
     if json_path is not None and Path(json_path).is_dir():
@@ -455,20 +453,7 @@ def compare_translation(
             ],
         }
 
-    report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "reference": ref.summary(),
-        "candidate": cand.summary(),
-        "ratios": {
-            "params": ref.params / max(cand.params, 1),
-            "flops": (ref.flops / cand.flops) if ref.flops and cand.flops else None,
-            "onnx_bytes": ref.onnx_bytes / max(cand.onnx_bytes, 1) if cand.onnx_bytes else None,
-        },
-        **sections,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line(),
-        "lrdeploy_version": __version__,
-    }
+    report = assemble_report(ref, cand, sections)
     report["verdict"] = verdict(report)
     if json_path is not None:
         write_json(json_path, report)
