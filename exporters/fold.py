@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import nn
 from lrdeploy.errors import UserError
 from lrdeploy.exporters import fold_cost
 from lrdeploy.exporters.fold_cost import LayerShape, MeasureConfig
+from lrdeploy.exporters.layer_times import LayerTimes
 from lrdeploy.layers.lowrank import FOLD_MODES, LowRankLayer
 
 ALL_FOLD_MODES = (*FOLD_MODES, "auto")
@@ -50,7 +51,7 @@ class LayerFold:
     reason: str
     factored_ms: float | None = None  # predicted, from the micro-benchmark of this layer shape
     dense_ms: float | None = None
-    measured_ms: float | None = None  # reserved for an in-model measurement; not filled yet
+    measured_ms: float | None = None  # in the exported model: its kernels' profiled time per call
     cached: bool = False
     params_factored: int = 0
     params_dense: int = 0
@@ -73,6 +74,14 @@ class FoldReport:
     measured_shapes: int = 0  # layer shapes timed in this call
     cached_shapes: int = 0  # layer shapes answered from the cache
     seconds: float = 0.0
+    in_model: dict[str, Any] | None = None  # how measured_ms was measured, and the time outside these layers
+
+    def attach_measured(self, times: LayerTimes, how: Mapping[str, Any]) -> None:
+        """Fill each layer's ``measured_ms`` from an in-model profile (:mod:`.layer_times`)."""
+        for lf in self.layers:
+            lf.measured_ms = times.per_layer_ms.get(lf.name)
+        self.in_model = {**how, **times.to_dict()}
+        self.in_model.pop("per_layer_ms", None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,6 +92,7 @@ class FoldReport:
             "predicted_factored_all_ms": _sum_or_none(lf.factored_ms for lf in self.layers),
             "predicted_dense_all_ms": _sum_or_none(lf.dense_ms for lf in self.layers),
             "predicted_chosen_ms": _sum_or_none(lf.predicted_ms for lf in self.layers),
+            "measured_layers_ms": _sum_or_none(lf.measured_ms for lf in self.layers),
         }
         return d
 
@@ -93,13 +103,22 @@ class FoldReport:
         table = Table(title=title)
         for col, justify in [("layer", "left"), ("shape", "left"), ("rank", "right"), ("full", "right"),
                              ("break-even", "right"), ("factored ms", "right"), ("dense ms", "right"),
-                             ("decision", "left"), ("why", "left")]:
+                             ("decision", "left"), ("in model ms", "right"), ("why", "left")]:
             table.add_column(col, justify=justify)  # type: ignore[arg-type]
         for lf in self.layers:
             be = f"{lf.break_even_rank:.1f}" + ("" if lf.break_even_source == "measured" else " (flops)")
             table.add_row(lf.name or "<model>", lf.shape, str(lf.rank), str(lf.full_rank), be,
                           _ms(lf.factored_ms), _ms(lf.dense_ms),
-                          f"[bold]{lf.decision}[/bold]" if lf.decision == "dense" else lf.decision, lf.reason)
+                          f"[bold]{lf.decision}[/bold]" if lf.decision == "dense" else lf.decision,
+                          _ms(lf.measured_ms), lf.reason)
+        if self.in_model:
+            m = self.in_model
+            share = m.get("attributed_share")
+            table.caption = (
+                "predicted: ONNX Runtime micro-benchmark of each layer shape alone; in model: profiled "
+                f"kernel time per call in the exported graph (batch {m.get('batch_size')}, "
+                f"{m.get('threads')} threads). Outside these layers: {m.get('other_ms', 0):.4f} ms"
+                + (f"; layers hold {share:.0%} of kernel time" if share is not None else ""))
         return table
 
     def render(self, console: Any = None) -> None:

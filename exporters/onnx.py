@@ -39,6 +39,7 @@ from torch import nn
 
 from lrdeploy import __version__, atomic
 from lrdeploy.errors import UserError
+from lrdeploy.exporters.layer_times import SCOPE_KEY, scope_from_torch_metadata
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -292,9 +293,13 @@ def _examples(
 
 
 def _stamp(proto: onnx.ModelProto, manifest: Mapping[str, Any], export_info: Mapping[str, Any]) -> None:
-    """Drop per-node debug metadata (stack traces with the exporting machine's paths) and add ours."""
+    """Keep only each node's module path (``lrdeploy.scope``); drop the exporter's per-node debug metadata
+    (stack traces with the exporting machine's paths). Add ours to the model."""
     for node in proto.graph.node:
+        scope = scope_from_torch_metadata(node)
         del node.metadata_props[:]
+        if scope is not None:
+            node.metadata_props.add(key=SCOPE_KEY, value=scope)
     props = {p.key: p.value for p in proto.metadata_props}
     props.update({
         META_VERSION: __version__,

@@ -472,10 +472,53 @@ def export_bundle(
     folded, bn_note = fold_batchnorm(folded)
     manifest["fold"] = {**report.to_dict().get("summary", {"mode": fold}), "batchnorm": bn_note}
     result = export_onnx(Bundle(bundle.path, manifest, folded), out, opset=opset, optimize=optimize)
+    if report.layers:
+        measure_in_model(report, model, Path(out), fold_batch, threads)
     atomic.write_text(
         Path(out).with_suffix(".fold.json"), json.dumps(report.to_dict(), indent=2, default=str)
     )
     return result, report
+
+
+def measure_in_model(report: Any, model: torch.nn.Module, onnx_path: Path, batch_size: int,
+                     threads: int | None, runs: int = 20) -> None:
+    """Profile the exported graph at ``batch_size`` and fill the fold report's per-layer ``measured_ms``.
+
+    The same ONNX Runtime settings as serving (all graph optimisations, ``threads`` intra-op threads); kernel
+    times are attributed to layers by :mod:`lrdeploy.exporters.layer_times`.
+    """
+    import onnx
+
+    from lrdeploy.exporters.layer_times import attribute_kernel_time
+    from lrdeploy.models.inputs import declares_inputs, example_inputs, input_names
+    from lrdeploy.serving.profile import profile_onnx
+    from lrdeploy.serving.runtimes.base import resolve_threads
+
+    n_threads = resolve_threads(threads)
+    feeds = None
+    if declares_inputs(model):
+        gen = torch.Generator().manual_seed(0)
+        tensors = example_inputs(model, batch_size, None, gen)
+        feeds = {n: t.numpy() for n, t in zip(input_names(model), tensors, strict=True)}
+    shape = read_export_shape(onnx_path)
+    prof = profile_onnx(onnx_path, shape, batch_size, threads=n_threads, runs=runs, warmup_runs=3,
+                        feeds=feeds)
+    times = attribute_kernel_time(onnx.load(str(onnx_path), load_external_data=False), prof["by_node"],
+                                  [lf.name for lf in report.layers], runs=int(prof["runs"] or runs))
+    run = prof.get("run_us") or {}
+    report.attach_measured(times, {
+        "how": "ONNX Runtime profiler, kernel time per call, mean over timed runs",
+        "batch_size": batch_size, "threads": n_threads, "runs": prof["runs"],
+        "run_ms_median": run["median"] / 1000.0 if run else None,
+    })
+
+
+def read_export_shape(onnx_path: Path) -> tuple[int, ...]:
+    """One sample's input shape as recorded at export (empty for multi-input graphs, which pass feeds)."""
+    from lrdeploy.exporters.onnx import read_export_info
+
+    shape = read_export_info(onnx_path).get("input_shape")
+    return tuple(int(d) for d in shape) if shape else ()
 
 
 def export_precision_variant(

@@ -64,6 +64,7 @@ def parse_ort_profile(trace: Any, skip_runs: int = 0) -> dict[str, Any]:
         return not runs or any(lo <= ts <= hi for lo, hi in spans)
 
     by_node: dict[str, dict[str, Any]] = {}
+    durations: dict[str, list[float]] = {}
     arena_peak = None
     for e in events:
         name = str(e.get("name", ""))
@@ -77,6 +78,7 @@ def parse_ort_profile(trace: Any, skip_runs: int = 0) -> dict[str, Any]:
                                         "provider": args.get("provider"), "total_us": 0.0, "calls": 0})
         row["total_us"] += float(e.get("dur", 0))
         row["calls"] += 1
+        durations.setdefault(node, []).append(float(e.get("dur", 0)))
         peak = _int(args.get("mem_in_use_peak"))
         if peak is not None:
             arena_peak = max(peak, arena_peak or 0)
@@ -86,6 +88,7 @@ def parse_ort_profile(trace: Any, skip_runs: int = 0) -> dict[str, Any]:
     for row in by_node.values():
         row["share"] = row["total_us"] / kernel_total if kernel_total > 0 else 0.0
         row["mean_us"] = row["total_us"] / row["calls"] if row["calls"] else 0.0
+        row["median_us"] = statistics.median(durations[row["node"]])  # robust to a noisy machine
         op = by_op.setdefault(row["op_type"], {"op_type": row["op_type"], "total_us": 0.0, "calls": 0,
                                                "nodes": 0})
         op["total_us"] += row["total_us"]
@@ -125,6 +128,7 @@ def profile_onnx(
     warmup_runs: int = 2,
     providers: Sequence[Any] = ("CPUExecutionProvider",),
     seed: int = 0,
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Run ``path`` ``warmup_runs + runs`` times under ORT's profiler at ``batch_size``; aggregate the trace.
 
@@ -132,6 +136,8 @@ def profile_onnx(
     (names or ``(name, options)``). The session is made like the runtimes' (``ort_session.session_options``,
     and ``make_session``'s check that the first provider is really in use). The trace file is written to a
     temporary directory and removed. Returns ``parse_ort_profile``'s dict plus what was profiled.
+    ``feeds`` (input name → array, already at ``batch_size``) replaces the random input, e.g. for a model
+    with several inputs or integer token ids.
     """
     from .runtimes.ort_session import CPU_PROVIDER, make_session, session_io, session_options
 
@@ -143,9 +149,12 @@ def profile_onnx(
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort-profile")
         session = make_session(path, list(providers), sess_options=options)  # UserError if ORT is missing
-        io = session_io(session, path)
-        x = np.random.default_rng(seed).standard_normal((batch_size, *input_shape)).astype(io.input_dtype)
-        feed = {io.input_name: x}
+        io = session_io(session, path, multi_input=feeds is not None)
+        if feeds is None:
+            x = np.random.default_rng(seed).standard_normal((batch_size, *input_shape)).astype(io.input_dtype)
+            feed = {io.input_name: x}
+        else:
+            feed = dict(feeds)
         for _ in range(warmup_runs + runs):
             session.run([io.output_name], feed)
         trace = json.loads(Path(session.end_profiling()).read_text())

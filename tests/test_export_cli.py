@@ -44,6 +44,14 @@ def test_fold_modes_give_the_same_function(lowrank_bundle, tmp_path):
         outs[mode] = _run(path, x)
         report = json.loads(path.with_suffix(".fold.json").read_text())
         nodes[mode] = {layer["name"]: layer["decision"] for layer in report["layers"]}
+        # predicted vs measured: every factorised layer's kernels were found and timed in the exported graph
+        measured = {layer["name"]: layer["measured_ms"] for layer in report["layers"]}
+        assert all(ms is not None and ms > 0 for ms in measured.values()), measured
+        in_model = report["in_model"]
+        assert in_model["batch_size"] == 1 and in_model["runs"] >= 1
+        assert report["summary"]["measured_layers_ms"] == pytest.approx(sum(measured.values()))
+        assert sum(measured.values()) + in_model["other_ms"] == pytest.approx(in_model["kernel_ms"])
+        assert 0 < in_model["attributed_share"] <= 1.0  # (how much is timing-dependent: not asserted)
     assert set(nodes["factored"].values()) == {"factored"} and set(nodes["dense"].values()) == {"dense"}
     for mode in ("dense", "auto"):
         np.testing.assert_allclose(outs[mode], outs["factored"], rtol=1e-4, atol=1e-5)

@@ -54,6 +54,9 @@ def test_parse_aggregates_per_node_and_op_type_after_warm_up():
     assert [r["node"] for r in prof["by_node"]] == ["fc1", "fc2", "act"]  # largest first
     fc1 = prof["by_node"][0]
     assert (fc1["op_type"], fc1["total_us"], fc1["calls"], fc1["mean_us"]) == ("MatMul", 60, 2, 30)
+    assert fc1["median_us"] == 30
+    # the warm-up run (10× slower) is outside the median too; with it, the median moves to the middle call
+    assert parse_ort_profile(_trace(), skip_runs=0)["by_node"][0]["median_us"] == 30
     assert fc1["provider"] == "CPUExecutionProvider" and fc1["share"] == pytest.approx(0.6)
     assert prof["arena_peak_bytes"] == 8192
     assert top_ops(prof, 1) == [("MatMul", pytest.approx(0.9))]
