@@ -202,7 +202,8 @@ def compress(
     ),
     data_dir: Path | None = DataDir,
     limit_train: int | None = typer.Option(None, "--limit-train", min=1),
-    lr: float = typer.Option(0.01, "--lr", min=0.0, help="Fine-tuning learning rate."),
+    lr: float | None = typer.Option(None, "--lr", min=0.0,
+                             help="Fine-tuning learning rate (default 0.01; translation: 3e-4, AdamW)."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", help="Low-rank bundle directory to write."),
 ) -> None:

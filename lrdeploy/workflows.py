@@ -298,12 +298,16 @@ def compress_bundle(
     dataset: str | None,
     data_dir: Path | None,
     limit_train: int | None,
-    lr: float,
+    lr: float | None,
     seed: int,
     out: Path,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Post-training path: SVD-compress a bundle, evaluate, optionally fine-tune, write a low-rank bundle."""
+    """Post-training path: SVD-compress a bundle, evaluate, optionally fine-tune, write a low-rank bundle.
+
+    ``lr`` defaults to 0.01 (SGD) for classifiers and :data:`TRANSLATION_FINETUNE_LR` (AdamW) for translation
+    models, which are evaluated and fine-tuned on their own sentence pairs with the bundle's tokenizers.
+    """
     from lrdeploy.bundle import check_output_dir, load_bundle, save_bundle
     from lrdeploy.compress import compress
     from lrdeploy.data import load_dataset
@@ -329,7 +333,15 @@ def compress_bundle(
     ds_name = dataset or src.manifest.get("dataset", {}).get("name")
     metrics: dict[str, Any] = {}
     train_record: dict[str, Any] | None = None
-    if ds_name:
+    extra: dict[str, Any] | None = None
+    from lrdeploy.translation_compare import is_translation_manifest
+
+    if is_translation_manifest(src.manifest):
+        model, metrics, train_record = _finetune_translation(
+            model, src.manifest, ds_name, data_dir, finetune_epochs, limit_train, lr, seed, progress
+        )
+        extra = {"tokenizers": src.manifest.get("tokenizers")}
+    elif ds_name:
         test_set = load_dataset(ds_name, "test", data_dir=data_dir)
         metrics["test_accuracy_before_finetune"] = evaluate(model, test_set)
         metrics["test_accuracy"] = metrics["test_accuracy_before_finetune"]
@@ -337,7 +349,7 @@ def compress_bundle(
             train_set = load_dataset(ds_name, "train", data_dir=data_dir, limit=limit_train)
             config = TrainConfig(
                 epochs=finetune_epochs,
-                lr=lr,
+                lr=0.01 if lr is None else lr,
                 seed=seed,
                 limit_train=limit_train,
                 progress=progress,
@@ -373,12 +385,46 @@ def compress_bundle(
         dataset=ds_record,
         metrics=metrics,
         input_shape=src.input_shape,
+        extra=extra,
     )
     return {
         "metrics": metrics,
         "report": report,
         "table": _compression_table(report, dense_params, count_params(model)),
     }
+
+
+TRANSLATION_FINETUNE_LR = 3e-4  # peak AdamW rate for recovering a compressed, already trained Transformer
+
+
+def _finetune_translation(model: torch.nn.Module, manifest: dict[str, Any], ds_name: str | None,
+                          data_dir: Path | None, epochs: int, limit_train: int | None, lr: float | None,
+                          seed: int, progress: bool) -> tuple[torch.nn.Module, dict[str, Any], dict | None]:
+    """Evaluate a compressed translation model (perplexity, token accuracy, BLEU); optionally fine-tune it."""
+    from lrdeploy.data.multi30k import load_translation, tokenizers_from_dict
+    from lrdeploy.seq2seq import TranslationConfig, evaluate_translation, train_translation
+
+    if not ds_name or not manifest.get("tokenizers"):
+        if epochs > 0:
+            raise UserError("this translation bundle records no dataset or tokenizers to fine-tune with",
+                            "re-train it with `lrdeploy train --model transformer --data multi30k`")
+        return model, {}, None
+    tokenizers = tokenizers_from_dict(manifest["tokenizers"])
+    max_len = min(TRANSLATION_MAX_LEN, int(getattr(model, "max_len", TRANSLATION_MAX_LEN)))
+    test_set = load_translation(ds_name, "test", data_dir, tokenizers=tokenizers, max_len=max_len)
+    before = evaluate_translation(model.eval(), test_set)
+    metrics: dict[str, Any] = {f"test_{k}_before_finetune": v for k, v in before.items()}
+    metrics.update({f"test_{k}": v for k, v in before.items()})
+    if epochs == 0:
+        return model, metrics, None
+    config = TranslationConfig(epochs=epochs, lr=TRANSLATION_FINETUNE_LR if lr is None else lr, seed=seed,
+                               warmup_steps=100, limit_train=limit_train, progress=progress)
+    train_set = load_translation(ds_name, "train", data_dir, limit=limit_train, tokenizers=tokenizers,
+                                 max_len=max_len)
+    result = train_translation(model, train_set, test_set, config)
+    metrics.update({f"test_{k}": v for k, v in result.metrics.items()})
+    metrics["finetune_seconds"] = result.seconds
+    return result.model, metrics, config.to_dict()
 
 
 def _compression_table(report: Any, dense_params: int, params: int) -> Table:

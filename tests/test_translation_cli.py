@@ -151,3 +151,23 @@ def test_task_mismatches_are_user_errors(tmp_path, data_dir, pipeline):
     r = invoke("compare", pipeline["root"] / "dense.onnx", tmp_path / "lenet", "--data-dir", data_dir,
                "--threads", "1")
     assert r.exit_code == 2 and "not a translation model" in r.output
+
+
+def test_svd_compress_evaluates_and_fine_tunes_a_translation_bundle(tmp_path, data_dir, pipeline):
+    torch.set_num_threads(1)
+    out = tmp_path / "svd"
+    r = invoke("compress", pipeline["root"] / "dense", "--rank-ratio", "0.5", "--finetune-epochs", "1",
+               "--limit-train", "100", "--data-dir", data_dir, "--out", out)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    dense = pipeline["dense"]
+    assert m["tokenizers"] == dense["tokenizers"]  # ids stay those the model was trained with
+    assert m["method"]["name"] == "svd" and m["method"]["finetune"]["lr"] == pytest.approx(3e-4)
+    metrics = m["metrics"]
+    assert metrics["test_perplexity_before_finetune"] > 1 and metrics["test_perplexity"] > 1
+    assert metrics["test_perplexity"] != metrics["test_perplexity_before_finetune"]  # it did train
+    assert 0 <= metrics["test_bleu"] <= 100
+    assert any(layer["kind"].startswith("lowrank") for layer in m["structure"].values())
+    assert m["params"] < dense["params"]
+    r = invoke("export", out, "--out", tmp_path / "svd.onnx")
+    assert r.exit_code == 0, r.output
