@@ -124,7 +124,11 @@ class FoldReport:
     def render(self, console: Any = None) -> None:
         from rich.console import Console
 
-        (console or Console()).print(self.rich_table())
+        console = console or Console()
+        if not self.layers:
+            console.print(f"Folding ({self.mode}): no factorised layers, nothing to fold")
+            return
+        console.print(self.rich_table())
 
 
 def _ms(v: float | None) -> str:

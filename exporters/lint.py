@@ -11,6 +11,10 @@ Why these checks:
 - A dynamic-batch engine needs every input's first axis symbolic (one optimisation profile sets them all), and
   outputs whose batch axis is concrete betray a batch baked somewhere inside the graph.
 - Opset and IR version are reported because TensorRT's parser has a supported range per release.
+- Q/DQ graphs (explicit quantisation, the only int8 TensorRT 10 and 11 build from): TensorRT takes symmetric
+  int8 only, i.e. every QuantizeLinear/DequantizeLinear zero point a constant int8 0, constant scales, and
+  per-channel scales on weights only. ONNX Runtime's default static QDQ (asymmetric uint8 activations, int32
+  bias through DequantizeLinear) runs on ORT but fails the TensorRT build: :func:`trt_qdq_findings`.
 """
 
 from __future__ import annotations
@@ -168,6 +172,57 @@ def _input_dependent(graph: onnx.GraphProto, names: set[str]) -> set[str]:
     return live
 
 
+def _quantised_types(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> dict[str, int]:
+    """Element type of every integer Q/DQ operand: constants' own, QuantizeLinear outputs' by zero point."""
+    types = {name: onnx.helper.np_dtype_to_tensor_dtype(arr.dtype) for name, arr in consts.items()}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            zp = node.input[2] if len(node.input) > 2 else ""
+            if zp in consts:
+                types[node.output[0]] = types[zp]
+            elif not zp:
+                types[node.output[0]] = onnx.TensorProto.UINT8  # ONNX's default output type
+    return types
+
+
+def _qdq_problems(node: onnx.NodeProto, consts: dict[str, np.ndarray], types: dict[str, int]) -> list[str]:
+    """What makes one QuantizeLinear/DequantizeLinear unusable by TensorRT (empty when it is fine)."""
+    problems = []
+    scale, zp = node.input[1], (node.input[2] if len(node.input) > 2 else "")
+    if scale not in consts:
+        problems.append("its scale is computed, not a constant")
+    elif consts[scale].size > 1 and node.input[0] not in consts and node.op_type == "QuantizeLinear":
+        problems.append("per-channel scales on an activation (TensorRT: per-tensor for activations)")
+    if zp and zp not in consts:
+        problems.append("its zero point is computed, not a constant")
+    elif zp and np.any(consts[zp] != 0):
+        problems.append(f"zero point {consts[zp].reshape(-1)[:4].tolist()} is not 0 (asymmetric)")
+    q_type = types.get(node.output[0] if node.op_type == "QuantizeLinear" else node.input[0])
+    if q_type != onnx.TensorProto.INT8:
+        name = onnx.TensorProto.DataType.Name(q_type).lower() if q_type else "unknown"
+        problems.append(f"quantised type {name}, not int8")
+    return problems
+
+
+def trt_qdq_findings(model_or_path: onnx.ModelProto | str | os.PathLike) -> list[Finding]:
+    """Errors for every QuantizeLinear/DequantizeLinear TensorRT cannot build (module docstring); [] when the
+    graph is TensorRT-compatible explicit int8 (or has no Q/DQ at all)."""
+    model, _ = load_model(model_or_path)
+    consts = _constants(model.graph)
+    types = _quantised_types(model.graph, consts)
+    fix = ("quantise for TensorRT: symmetric int8 activations, symmetric per-channel weights, float bias "
+           "(lrdeploy export --trt --precision int8, or convert_precision(..., 'int8', model_kind='trt'))")
+    findings = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in DEFAULT_DOMAINS:
+            continue
+        problems = _qdq_problems(node, consts, types)
+        if problems:
+            label = node.name or f"{node.op_type}({node.output[0]})"
+            findings.append(Finding("error", "trt-qdq", label, f"{node.op_type}: {'; '.join(problems)}", fix))
+    return findings
+
+
 def lint_for_tensorrt(model_or_path: onnx.ModelProto | str | os.PathLike) -> LintReport:
     """Check an ONNX graph for what TensorRT's parser and dynamic-shape profiles will trip over."""
     model, path = load_model(model_or_path)
@@ -248,6 +303,7 @@ def lint_for_tensorrt(model_or_path: onnx.ModelProto | str | os.PathLike) -> Lin
         add(Finding("error", "unsupported-domain", shown,
                     f"{len(nodes)} node(s) of {op}: TensorRT's ONNX parser knows only the default domain",
                     hint))
+    report.findings.extend(trt_qdq_findings(model))
     if report.opset is None:
         add(Finding("error", "no-default-opset", None, "the graph imports no default-domain opset",
                     "re-export with a standard ONNX opset"))

@@ -1,9 +1,9 @@
-"""Reduced-precision variants of an exported fp32 ONNX graph (fp16, int8), each judged against the fp32 graph.
+"""Reduced-precision variants of an exported fp32 ONNX graph (fp16, bf16, int8), each judged against fp32.
 
-``convert_precision(src, dst, "fp16" | "int8", ...)`` reads the portable ``.onnx`` written by export (not the
-``.ort.onnx``: its contrib ops cannot be quantised), writes the variant atomically and compares it with the
-fp32 graph under the tolerance preset of its precision (``serving.parity.TOLERANCES``), plus the accuracy
-delta on real data when labels are given.
+``convert_precision(src, dst, "fp16" | "bf16" | "int8", ...)`` reads the portable ``.onnx`` written by export
+(not the ``.ort.onnx``: its contrib ops cannot be quantised), writes the variant atomically and compares it
+with the fp32 graph under the tolerance preset of its precision (``lrdeploy.parity_stats.TOLERANCES``), plus
+the accuracy delta on real data when labels are given.
 
 fp16: weights and arithmetic in fp16 with the graph's inputs and outputs kept fp32 (``keep_io_types``: the
 caller feeds the same arrays), and numerically fragile ops kept in fp32 behind Cast nodes: normalisations
@@ -11,7 +11,15 @@ and softmax (sums of squares and exponentials overflow fp16's 65504 or lose the 
 Exp/Log/Pow/Erf/Sqrt/Reciprocal (range and cancellation). On CPU this gives no speed-up (baseline.md §5:
 ORT's CPU kernels up-cast fp16); it is for GPU runtimes and for halving the file.
 
-int8, two methods (baseline.md §5), picked by ``model_kind``:
+bf16 (``exporters/bf16.py``): the same plan in bfloat16 (same fp32 block list, fp32 inputs/outputs), for
+strongly typed TensorRT (≥ 11), which takes its precision from the graph. ONNX Runtime 1.32's CPU provider
+has no bf16 kernel for Gemm, MatMul, Conv, pooling, Add, Mul, Relu or Softmax (only Cast and data movement),
+so when ORT cannot load the graph the variant is judged with ``onnx.reference`` (bf16 arithmetic emulated in
+numpy) on as many examples as fit a time budget (:data:`REFERENCE_BUDGET_S`); when not even
+:data:`REFERENCE_MIN_EXAMPLES` fit, parity is recorded as "not run: <reason>" and ``passed`` is None: never a
+pass that was not measured.
+
+int8, three methods (baseline.md §5), picked by ``model_kind``:
 
 - ``dynamic`` (Linear-heavy models: MLP, Transformer): weights quantised to int8 offline, activations per
   call (``quantize_dynamic``, MatMul only). ORT's quantiser skips Gemm nodes, and every ``nn.Linear`` exports
@@ -21,6 +29,11 @@ int8, two methods (baseline.md §5), picked by ``model_kind``:
   examples), QuantizeLinear/DequantizeLinear pairs that ORT fuses into QLinearConv/QLinearMatMul at load.
   Dynamic quantisation of convs (ConvInteger) is 6-9× *slower* than fp32 on CPU, so it is never used for them.
 
+- ``trt``: static QDQ for TensorRT (10 and 11 build int8 only from explicit Q/DQ): symmetric int8 activations
+  and symmetric per-channel int8 weights (every zero point 0), bias left in float (TensorRT dequantises only
+  int8), checked with :func:`lrdeploy.exporters.lint.trt_qdq_findings`. ORT runs it too, so its accuracy is
+  judged on the CPU (int8 preset) before any GPU build.
+
 ``model_kind="auto"`` picks ``static`` when the graph has Conv nodes, else ``dynamic``; the result records it.
 """
 
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +53,8 @@ from onnx import helper, numpy_helper
 
 from lrdeploy import atomic
 from lrdeploy.errors import UserError
+from lrdeploy.exporters.bf16 import Bf16Conversion, convert_to_bf16
+from lrdeploy.exporters.lint import trt_qdq_findings
 from lrdeploy.exporters.optimize import (
     check_graph,
     copy_metadata,
@@ -46,9 +62,12 @@ from lrdeploy.exporters.optimize import (
     op_histogram,
     random_feeds,
 )
+from lrdeploy.parity_stats import accuracy as top1_accuracy
+from lrdeploy.parity_stats import judge, output_parity
 
-PRECISIONS = ("fp16", "int8")
-MODEL_KINDS = ("auto", "dynamic", "static")
+PRECISIONS = ("fp16", "bf16", "int8")
+MODEL_KINDS = ("auto", "dynamic", "static", "trt")
+INT8_METHODS = {"dynamic": "int8-dynamic", "static": "int8-static-qdq", "trt": "int8-trt-qdq"}
 # Kept in fp32 by the fp16 conversion (on top of onnxruntime's own DEFAULT_OP_BLOCK_LIST).
 FP16_BLOCK_LIST = (
     "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "GroupNormalization",
@@ -57,6 +76,13 @@ FP16_BLOCK_LIST = (
     "ReduceProd", "CumSum",
 )
 DEFAULT_MAX_ACCURACY_DROP = 0.01  # absolute top-1 drop (1 point) allowed when labels are given
+# onnx.reference judges a bf16 graph ORT cannot run: as many examples as fit the budget, at most MAX; fewer
+# than MIN (or a graph over MAX_PARAMS weights) and parity is "not run" rather than judged on too little.
+REFERENCE_BUDGET_S = 30.0
+REFERENCE_MAX_EXAMPLES = 256
+REFERENCE_MIN_EXAMPLES = 16
+REFERENCE_MAX_PARAMS = 64_000_000
+JUDGED_BY_ORT = "onnxruntime-cpu"
 META_PRECISION = "lrdeploy.precision"
 
 
@@ -65,17 +91,19 @@ class PrecisionResult:
     src: Path
     dst: Path
     precision: str
-    method: str  # "fp16", "int8-dynamic", "int8-static-qdq"
-    model_kind: str  # what "auto" resolved to ("dynamic"/"static"); "n/a" for fp16
+    method: str  # "fp16", "bf16", "int8-dynamic", "int8-static-qdq", "int8-trt-qdq"
+    model_kind: str  # what "auto" resolved to ("dynamic"/"static"/"trt"); "n/a" for fp16 and bf16
     op_histogram: dict[str, int]
-    parity: dict[str, Any]  # serving.parity.judge output for the first output (+ "outputs" when several)
+    parity: dict[str, Any]  # parity_stats.judge output for the first output (+ "outputs" when several)
     accuracy: dict[str, Any] | None  # fp32/variant accuracy and delta when labels were given
-    passed: bool
+    passed: bool | None  # None: parity could not be measured (``judged_by`` says why); never a silent pass
     failures: list[str]
     gemm_rewritten: int = 0
-    fp32_ops: list[str] = field(default_factory=list)  # fp16: op types left in fp32
+    fp32_ops: list[str] = field(default_factory=list)  # fp16/bf16: op types left in fp32
     calibration_samples: int = 0
     compared_on: str = ""  # which data the parity was measured on
+    judged_by: str = JUDGED_BY_ORT  # "onnxruntime-cpu", "onnx.reference (...)" or "not run: <reason>"
+    compared_examples: int = 0
     notes: list[str] = field(default_factory=list)
     size_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -194,20 +222,34 @@ def rewrite_gemm_to_matmul(proto: onnx.ModelProto) -> int:
 # --- conversions ---
 
 
-def _to_fp16(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+def _float16_tools() -> Any:
     try:
-        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+        from onnxruntime.transformers import float16
     except ImportError as exc:  # pragma: no cover - ships with onnxruntime
-        raise UserError("fp16 conversion needs onnxruntime's transformers tools",
+        raise UserError("fp16/bf16 conversion needs onnxruntime's transformers tools",
                         "pip install onnxruntime (>= 1.16)") from exc
-    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_BLOCK_LIST))
-    out = convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
+    return float16
+
+
+def low_precision_block_list() -> list[str]:
+    """Op types kept in fp32 by the fp16 and bf16 conversions: ORT's default list plus FP16_BLOCK_LIST."""
+    return sorted(set(_float16_tools().DEFAULT_OP_BLOCK_LIST) | set(FP16_BLOCK_LIST))
+
+
+def _to_fp16(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    block = low_precision_block_list()
+    out = _float16_tools().convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
     topological_sort(out.graph)
     # The converter leaves value_info entries whose element types contradict the Casts it inserted around
     # blocked ops (onnx.checker: "Inferred elem type differs"); they are only hints, so drop them.
     del out.graph.value_info[:]
     present = {n.op_type for n in proto.graph.node}
     return out, sorted(present & set(block))
+
+
+def to_bf16(proto: onnx.ModelProto) -> Bf16Conversion:
+    """The bf16 graph of ``proto`` (exporters/bf16.py) with the fp16 conversion's fp32 block list."""
+    return convert_to_bf16(proto, low_precision_block_list())
 
 
 class _ArrayReader:
@@ -231,15 +273,37 @@ def _input_names(proto: onnx.ModelProto) -> list[str]:
     return [i.name for i in proto.graph.input if i.name not in inits]
 
 
+# TensorRT's int8 (peers.md §0): zero points 0 everywhere, so activations and weights are symmetric; the bias
+# stays float because TensorRT's DequantizeLinear takes int8 (ORT's default quantises it to int32). Q/DQ only
+# on the inputs of weighted ops, not on their outputs (TensorRT's Q/DQ placement advice, also ORT's note in
+# qdq_quantizer.py): normalisations, softmax and the logits stay float, TensorRT fuses the rest.
+TRT_QDQ_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
+TRT_QDQ_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                   "OpTypesToExcludeOutputQuantization": TRT_QDQ_OPS}
+
+
+def _quantize_static(fin: str, fout: str, names: list[str], calibration: np.ndarray | None, kind: str, *,
+                     per_channel: bool, batch_size: int) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if calibration is None:
+        raise UserError("static int8 quantisation needs calibration data",
+                        "pass real training inputs, e.g. 256 examples (--calibration-samples)")
+    if len(names) != 1:
+        raise UserError(f"static int8 calibration supports single-input models; this one has "
+                        f"{len(names)} ({', '.join(names)})", "use model_kind='dynamic'")
+    data = np.ascontiguousarray(np.asarray(calibration, dtype=np.float32))
+    trt = kind == "trt"
+    quantize_static(fin, fout, _ArrayReader(names[0], data, batch_size), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=list(TRT_QDQ_OPS) if trt else None,
+                    extra_options=dict(TRT_QDQ_OPTIONS) if trt else None)
+
+
 def _to_int8(proto: onnx.ModelProto, kind: str, calibration: np.ndarray | None, *, per_channel: bool,
              batch_size: int) -> tuple[onnx.ModelProto, int]:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     work = onnx.ModelProto.FromString(proto.SerializeToString())
     rewritten = rewrite_gemm_to_matmul(work) if kind == "dynamic" else 0
@@ -250,19 +314,14 @@ def _to_int8(proto: onnx.ModelProto, kind: str, calibration: np.ndarray | None, 
             quantize_dynamic(fin, fout, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                              per_channel=per_channel)
         else:
-            names = _input_names(work)
-            if calibration is None:
-                raise UserError("static int8 quantisation needs calibration data",
-                                "pass real training inputs, e.g. 256 examples (--calibration-samples)")
-            if len(names) != 1:
-                raise UserError(f"static int8 calibration supports single-input models; this one has "
-                                f"{len(names)} ({', '.join(names)})", "use model_kind='dynamic'")
-            data = np.ascontiguousarray(np.asarray(calibration, dtype=np.float32))
-            reader = _ArrayReader(names[0], data, batch_size)
-            quantize_static(fin, fout, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+            _quantize_static(fin, fout, _input_names(work), calibration, kind, per_channel=per_channel,
+                             batch_size=batch_size)
         out = onnx.load(fout)
+    if kind == "trt":
+        problems = trt_qdq_findings(out)
+        if problems:  # a change in ORT's quantiser, not a user mistake: say so instead of building garbage
+            raise UserError(f"the TensorRT Q/DQ graph is not TensorRT-compatible ({len(problems)} node(s)): "
+                            f"{problems[0].message}", "report it with your onnxruntime version")
     return out, rewritten
 
 
@@ -278,30 +337,81 @@ def _as_feeds(proto: onnx.ModelProto, x: np.ndarray | Mapping[str, np.ndarray]) 
     return {names[0]: np.asarray(x, dtype=np.float32)}
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def _run_all(data: bytes, feeds: Mapping[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
     from lrdeploy.exporters.onnx import ort_session
 
     try:
         session = ort_session(data)
+        n = len(next(iter(feeds.values())))
+        chunks = [session.run(None, {k: v[i:i + batch_size] for k, v in feeds.items()})
+                  for i in range(0, n, batch_size)]
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"ONNX Runtime cannot load the converted graph ({first})",
+        raise UserError(f"ONNX Runtime cannot run the converted graph ({_first_line(exc)})",
                         "report the model") from exc
-    n = len(next(iter(feeds.values())))
-    chunks = [session.run(None, {k: v[i:i + batch_size] for k, v in feeds.items()})
-              for i in range(0, n, batch_size)]
     return [np.concatenate([c[j] for c in chunks], axis=0) for j in range(len(chunks[0]))]
 
 
-def _compare(ref_data: bytes, cand_data: bytes, feeds: Mapping[str, np.ndarray], precision: str,
-             labels: np.ndarray | None, max_accuracy_drop: float | None,
-             batch_size: int) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
-    # exporters do not depend on serving at import time (DESIGN.md); the comparison statistics live there
-    from lrdeploy.serving.parity import accuracy as top1_accuracy
-    from lrdeploy.serving.parity import judge, output_parity
+def _run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int
+                   ) -> tuple[list[np.ndarray] | None, str]:
+    """Outputs of ``onnx.reference`` on the first examples that fit :data:`REFERENCE_BUDGET_S`, or None and
+    the reason it was not run."""
+    from onnx.reference import ReferenceEvaluator
 
-    ref = _run_all(ref_data, feeds, batch_size)
-    cand = _run_all(cand_data, feeds, batch_size)
+    params = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+    if params > REFERENCE_MAX_PARAMS:
+        return None, f"{params / 1e6:.0f}M weights: too large for onnx.reference (> {REFERENCE_MAX_PARAMS:,})"
+    total = len(next(iter(feeds.values())))
+    try:
+        session = ReferenceEvaluator(model)
+        t0 = time.perf_counter()
+        chunks = [session.run(None, {k: v[:1] for k, v in feeds.items()})]
+        per_example = time.perf_counter() - t0
+        n = min(total, REFERENCE_MAX_EXAMPLES, int(REFERENCE_BUDGET_S / max(per_example, 1e-9)))
+        if n < min(total, REFERENCE_MIN_EXAMPLES):
+            return None, (f"onnx.reference takes {per_example:.1f} s per example: {REFERENCE_MIN_EXAMPLES} "
+                          f"examples exceed the {REFERENCE_BUDGET_S:.0f} s budget")
+        chunks += [session.run(None, {k: v[i:min(i + batch_size, n)] for k, v in feeds.items()})
+                   for i in range(1, n, batch_size)]
+    except Exception as exc:
+        return None, f"onnx.reference cannot run the graph ({_first_line(exc)})"
+    return [np.concatenate([np.asarray(c[j]) for c in chunks], axis=0) for j in range(len(chunks[0]))], ""
+
+
+def _variant_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], precision: str,
+                     batch_size: int) -> tuple[list[np.ndarray] | None, str]:
+    """The variant's outputs and who computed them: ORT, else (bf16 only) onnx.reference, else None and
+    "not run: <reason>"."""
+    try:
+        return _run_all(model.SerializeToString(), feeds, batch_size), JUDGED_BY_ORT
+    except UserError as exc:
+        if precision != "bf16":
+            raise
+        ort_reason = _first_line(exc.__cause__ or exc)
+    outs, why_not = _run_reference(model, feeds, batch_size)
+    if outs is None:
+        return None, f"not run: ONNX Runtime CPU cannot run bf16 ({ort_reason}); {why_not}"
+    return outs, f"onnx.reference (bf16 emulated in numpy; ONNX Runtime CPU: {ort_reason})"
+
+
+@dataclass
+class _Verdict:
+    parity: dict[str, Any]
+    accuracy: dict[str, Any] | None
+    failures: list[str]
+    passed: bool | None
+    judged_by: str
+    examples: int
+
+
+def _judge_outputs(
+    ref: list[np.ndarray], cand: list[np.ndarray], precision: str, labels: np.ndarray | None,
+    max_accuracy_drop: float | None,
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
     verdicts = [judge(output_parity(r, c), precision) for r, c in zip(ref, cand, strict=True)]
     failures = [f for i, v in enumerate(verdicts) for f in
                 (v["failures"] if len(verdicts) == 1 else [f"output {i}: {f}" for f in v["failures"]])]
@@ -320,6 +430,19 @@ def _compare(ref_data: bytes, cand_data: bytes, feeds: Mapping[str, np.ndarray],
     return parity, acc, failures
 
 
+def _evaluate(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: Mapping[str, np.ndarray], precision: str,
+              labels: np.ndarray | None, max_accuracy_drop: float | None, batch_size: int) -> _Verdict:
+    """Run both graphs on ``feeds`` (the variant on the examples its runner could afford) and judge."""
+    cand_out, judged_by = _variant_outputs(cand, feeds, precision, batch_size)
+    if cand_out is None:
+        return _Verdict({"precision": precision, "status": judged_by}, None, [], None, judged_by, 0)
+    n = len(cand_out[0])
+    ref_out = _run_all(ref.SerializeToString(), {k: v[:n] for k, v in feeds.items()}, batch_size)
+    y = None if labels is None else np.asarray(labels).reshape(-1)[:n]
+    parity, acc, failures = _judge_outputs(ref_out, cand_out, precision, y, max_accuracy_drop)
+    return _Verdict(parity, acc, failures, not failures, judged_by, n)
+
+
 def evaluate_variant(
     fp32_path: str | os.PathLike,
     variant_path: str | os.PathLike,
@@ -332,13 +455,14 @@ def evaluate_variant(
 ) -> dict[str, Any]:
     """Judge a variant against its fp32 graph on ``x`` (and top-1 accuracy on labels ``y`` when given).
 
-    Returns ``{"parity": judge(...), "accuracy": {...} | None, "failures": [...], "passed": bool}``.
+    Returns ``{"parity": judge(...), "accuracy": {...} | None, "failures": [...], "passed": bool | None,
+    "judged_by": str, "examples": int}``; ``passed`` is None when the variant could not be run (bf16 beyond
+    onnx.reference's budget).
     """
-    ref = load_model(fp32_path)
-    cand = load_model(variant_path)
-    parity, acc, failures = _compare(ref.SerializeToString(), cand.SerializeToString(), _as_feeds(ref, x),
-                                     precision, y, max_accuracy_drop, batch_size)
-    return {"parity": parity, "accuracy": acc, "failures": failures, "passed": not failures}
+    ref, cand = load_model(fp32_path), load_model(variant_path)
+    v = _evaluate(ref, cand, _as_feeds(ref, x), precision, y, max_accuracy_drop, batch_size)
+    return {"parity": v.parity, "accuracy": v.accuracy, "failures": v.failures, "passed": v.passed,
+            "judged_by": v.judged_by, "examples": v.examples}
 
 
 def resolve_model_kind(proto: onnx.ModelProto, model_kind: str = "auto") -> str:
@@ -347,6 +471,62 @@ def resolve_model_kind(proto: onnx.ModelProto, model_kind: str = "auto") -> str:
     if model_kind != "auto":
         return model_kind
     return "static" if any(n.op_type == "Conv" for n in proto.graph.node) else "dynamic"
+
+
+@dataclass
+class _Converted:
+    model: onnx.ModelProto
+    kind: str
+    method: str
+    rewritten: int = 0
+    fp32_ops: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _convert(proto: onnx.ModelProto, precision: str, model_kind: str, calibration: np.ndarray | None, *,
+             per_channel: bool, batch_size: int) -> _Converted:
+    if precision == "fp16":
+        out, fp32_ops = _to_fp16(proto)
+        return _Converted(out, "n/a", "fp16", fp32_ops=fp32_ops, notes=[
+            "fp16 on CPU is not faster (ORT up-casts); intended for GPU runtimes and smaller files"])
+    if precision == "bf16":
+        conv = to_bf16(proto)
+        return _Converted(conv.model, "n/a", "bf16", fp32_ops=conv.fp32_ops, notes=[
+            *conv.notes, "bf16 is for GPU runtimes (TensorRT >= 11 builds it strongly typed)"])
+    kind = resolve_model_kind(proto, model_kind)
+    out, rewritten = _to_int8(proto, kind, calibration, per_channel=per_channel, batch_size=batch_size)
+    notes = []
+    if kind == "dynamic" and any(n.op_type == "Conv" for n in proto.graph.node):
+        notes.append("Conv nodes left in fp32: dynamic ConvInteger is 6-9x slower on CPU; use static")
+    if kind == "trt":
+        notes.append("TensorRT Q/DQ (symmetric int8, per-channel weights): TensorRT 10 builds it with the "
+                     "INT8 flag, TensorRT 11 strongly typed")
+    return _Converted(out, kind, INT8_METHODS[kind], rewritten, notes=notes)
+
+
+def _comparison_data(proto: onnx.ModelProto, test_inputs: Any, calibration: np.ndarray | None,
+                     labels: Any) -> tuple[Any, str]:
+    if test_inputs is not None:
+        return test_inputs, "test_inputs"
+    if calibration is not None:
+        if labels is not None and len(np.asarray(labels)) != len(calibration):
+            raise UserError("labels and calibration data differ in length", "pass test_inputs with labels")
+        return calibration, "calibration"
+    if labels is not None:
+        raise UserError("labels given without inputs", "pass test_inputs together with labels")
+    return random_feeds(proto, batch=16), "random"
+
+
+def _load_source(src: Path, dst: Path) -> onnx.ModelProto:
+    if dst.is_dir():
+        raise UserError(f"{dst} is a directory", "pass the path of the .onnx file to write")
+    if src.resolve() == dst.resolve():
+        raise UserError("the variant would overwrite its fp32 source", "write it to another path")
+    proto = load_model(src)
+    if any(n.domain not in ("", "ai.onnx") for n in proto.graph.node):
+        raise UserError(f"{src} uses ONNX Runtime contrib ops (an optimised .ort.onnx?)",
+                        "convert the portable .onnx from export, then optimise the variant")
+    return proto
 
 
 def convert_precision(
@@ -365,66 +545,42 @@ def convert_precision(
 ) -> PrecisionResult:
     """Write the ``precision`` variant of the fp32 graph ``src`` to ``dst`` and judge it (module docstring).
 
-    ``calibration``: real training inputs (N × sample shape), required for static int8; also the comparison
-    data when ``test_inputs`` is not given (optimistic for static int8: the ranges were fitted on it).
-    ``test_inputs`` / ``labels``: held-out data for parity and, with labels, the accuracy delta. Without any
-    data the comparison runs on random inputs. A miss (tolerance preset of ``precision``, or an accuracy
-    drop above ``max_accuracy_drop``) is reported in ``failures``; ``strict=True`` raises a UserError
-    instead, and nothing is written.
+    ``calibration``: real training inputs (N × sample shape), required for static and trt int8; also the
+    comparison data when ``test_inputs`` is not given (optimistic for static int8: the ranges were fitted on
+    it). ``test_inputs`` / ``labels``: held-out data for parity and, with labels, the accuracy delta. Without
+    any data the comparison runs on random inputs. A miss (tolerance preset of ``precision``, or an accuracy
+    drop above ``max_accuracy_drop``) is reported in ``failures``; a variant that could not be run at all
+    (bf16 beyond onnx.reference's budget) has ``passed`` None. ``strict=True`` raises a UserError in both
+    cases instead, and nothing is written.
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", f"choose one of: {', '.join(PRECISIONS)}")
     src, dst = Path(src), Path(dst)
-    if dst.is_dir():
-        raise UserError(f"{dst} is a directory", "pass the path of the .onnx file to write")
-    if src.resolve() == dst.resolve():
-        raise UserError("the variant would overwrite its fp32 source", "write it to another path")
-    proto = load_model(src)
-    if any(n.domain not in ("", "ai.onnx") for n in proto.graph.node):
-        raise UserError(f"{src} uses ONNX Runtime contrib ops (an optimised .ort.onnx?)",
-                        "convert the portable .onnx from export, then optimise the variant")
+    proto = _load_source(src, dst)
     if calibration is not None:
         calibration = np.asarray(calibration)
         if calibration.ndim == 0 or calibration.shape[0] == 0:
             raise UserError("calibration data is empty", "pass real training inputs, e.g. 256 examples")
-    notes: list[str] = []
-    rewritten, fp32_ops = 0, []
-    if precision == "fp16":
-        kind, method = "n/a", "fp16"
-        out, fp32_ops = _to_fp16(proto)
-        notes.append("fp16 on CPU is not faster (ORT up-casts); intended for GPU runtimes and smaller files")
-    else:
-        kind = resolve_model_kind(proto, model_kind)
-        method = "int8-dynamic" if kind == "dynamic" else "int8-static-qdq"
-        out, rewritten = _to_int8(proto, kind, calibration, per_channel=per_channel, batch_size=batch_size)
-        if kind == "dynamic" and any(n.op_type == "Conv" for n in proto.graph.node):
-            notes.append("Conv nodes left in fp32: dynamic ConvInteger is 6-9x slower on CPU; use static")
+    conv = _convert(proto, precision, model_kind, calibration, per_channel=per_channel, batch_size=batch_size)
+    out = conv.model
     check_graph(out, f"{precision} variant")
-    copy_metadata(proto, out, {META_PRECISION: method})
-
-    if test_inputs is not None:
-        data, compared_on = test_inputs, "test_inputs"
-    elif calibration is not None:
-        data, compared_on = calibration, "calibration"
-        if labels is not None and len(np.asarray(labels)) != len(calibration):
-            raise UserError("labels and calibration data differ in length", "pass test_inputs with labels")
-    else:
-        data, compared_on = random_feeds(proto, batch=16), "random"
-        if labels is not None:
-            raise UserError("labels given without inputs", "pass test_inputs together with labels")
+    copy_metadata(proto, out, {META_PRECISION: conv.method})
+    data, compared_on = _comparison_data(proto, test_inputs, calibration, labels)
     y = None if labels is None else np.asarray(labels)
-    out_data = out.SerializeToString()
-    parity, acc, failures = _compare(proto.SerializeToString(), out_data, _as_feeds(proto, data), precision,
-                                     y, max_accuracy_drop, batch_size)
-    if strict and failures:
-        raise UserError(f"{method} variant misses its tolerance: {'; '.join(failures)}",
+    v = _evaluate(proto, out, _as_feeds(proto, data), precision, y, max_accuracy_drop, batch_size)
+    if strict and not v.passed:
+        why = "; ".join(v.failures) if v.failures else v.judged_by
+        verdict = "misses its tolerance" if v.failures else "was not judged"
+        raise UserError(f"{conv.method} variant {verdict}: {why}",
                         "calibrate on more or more representative data, or keep fp32")
+    out_data = out.SerializeToString()
     atomic.write_bytes(dst, out_data)
+    calibrated = len(calibration) if calibration is not None and conv.kind in ("static", "trt") else 0
     return PrecisionResult(
-        src=src, dst=dst, precision=precision, method=method, model_kind=kind, op_histogram=op_histogram(out),
-        parity=parity, accuracy=acc, passed=not failures, failures=failures, gemm_rewritten=rewritten,
-        fp32_ops=fp32_ops,
-        calibration_samples=0 if calibration is None or kind != "static" else len(calibration),
-        compared_on=compared_on, notes=notes,
+        src=src, dst=dst, precision=precision, method=conv.method, model_kind=conv.kind,
+        op_histogram=op_histogram(out), parity=v.parity, accuracy=v.accuracy, passed=v.passed,
+        failures=v.failures, gemm_rewritten=conv.rewritten, fp32_ops=conv.fp32_ops,
+        calibration_samples=calibrated,
+        compared_on=compared_on, judged_by=v.judged_by, compared_examples=v.examples, notes=conv.notes,
         size_bytes={"fp32": proto.ByteSize(), precision: len(out_data)},
     )

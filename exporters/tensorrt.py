@@ -5,9 +5,12 @@ Why it is built this way:
   index, baseline.md §6), and a missing one is a one-line UserError, as is a machine without a CUDA GPU.
 - Two precision paths (peers.md §0). TensorRT ≥ 11 removed weak typing: networks are strongly typed and the
   precision is the ONNX graph's own, so fp16 means converting the graph (``prepare_fp16_graph``: weights and
-  compute in fp16, overflow-prone ops kept in fp32, fp32 inputs/outputs), never a builder flag. TensorRT 10
-  still takes ``BuilderFlag.FP16/BF16/INT8`` on an fp32 graph. int8 needs explicit Q/DQ nodes on both:
-  TRT 11 removed calibrators and lrdeploy does not calibrate inside the builder.
+  compute in fp16, overflow-prone ops kept in fp32, fp32 inputs/outputs), never a builder flag; bf16 likewise
+  (``prepare_bf16_graph``, exporters/bf16.py). TensorRT 10 still takes ``BuilderFlag.FP16/BF16/INT8`` on an
+  fp32 graph. int8 needs explicit Q/DQ nodes on both (TRT 11 removed calibrators; lrdeploy does not calibrate
+  inside the builder): a Q/DQ graph TensorRT accepts (symmetric int8, checked by the lint), or calibration
+  data from which ``build_engine`` writes one (``precision.convert_precision(..., model_kind="trt")``, judged
+  on ORT CPU first). TensorRT 10 builds it with the INT8 flag, TensorRT 11 strongly typed.
 - The optimisation profile is derived from the graph's inputs by a pure function (``derive_profile``), so
   its rules are tested without TensorRT: a dynamic batch axis gets the batch range, any other dynamic axis
   needs an explicit shape.
@@ -241,6 +244,36 @@ def _to_fp16(model: onnx.ModelProto, block: set[str]) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
+def _is_bf16_graph(model: onnx.ModelProto) -> bool:
+    return any(i.data_type == TensorProto.BFLOAT16 for i in model.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.BFLOAT16 for a in n.attribute)
+        for n in model.graph.node)
+
+
+def prepare_bf16_graph(onnx_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write a bf16 copy of the graph for strongly typed TensorRT (≥ 11): bf16 weights and compute, the fp16
+    block list kept in fp32 behind Casts, fp32 inputs and outputs (``precision.to_bf16``)."""
+    from .precision import to_bf16
+
+    load_model(onnx_path)  # a missing/corrupt file is a UserError
+    out = to_bf16(onnx.load(str(onnx_path))).model  # with external data: the weights are converted
+    data = out.SerializeToString()
+    if len(data) > 2**31 - 1:
+        raise UserError("the bf16 graph exceeds 2 GB", hint="use TensorRT 10 with --precision bf16")
+    atomic.write_bytes(out_path, data)
+    return Path(out_path)
+
+
+def prepare_int8_graph(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray, *,
+                       test_inputs: np.ndarray | None = None, labels: np.ndarray | None = None) -> Any:
+    """Write the TensorRT Q/DQ int8 graph (symmetric int8, per-channel weights) calibrated on ``calibration``
+    and judged on ORT CPU with the int8 preset; a miss is a UserError. Returns the PrecisionResult."""
+    from .precision import convert_precision
+
+    return convert_precision(onnx_path, out_path, "int8", model_kind="trt", calibration=calibration,
+                             test_inputs=test_inputs, labels=labels, strict=True)
+
+
 # ------------------------------------------------------------------------------------------------ tensorrt
 def import_tensorrt() -> Any:
     """``tensorrt`` or a one-line UserError (not installed, libraries missing, PyPI placeholder)."""
@@ -294,6 +327,24 @@ def sidecar_path_for(engine_path: str | os.PathLike) -> Path:
     return p.with_name(p.name + ".json")
 
 
+def _parse_source(onnx_path: Path, model: onnx.ModelProto, tmp: Path, precision: str, strongly_typed: bool,
+                  calibration: np.ndarray | None, notes: list[str]) -> Path:
+    """The graph TensorRT parses: ``onnx_path`` itself, or its int8 Q/DQ, fp16 or bf16 conversion in tmp."""
+    if precision == "int8" and not _has_qdq(model) and calibration is not None:
+        res = prepare_int8_graph(onnx_path, tmp / f"{onnx_path.stem}.int8.onnx", calibration)
+        rel_l2 = res.parity.get("rel_l2", float("nan"))
+        notes.append(f"int8 Q/DQ graph calibrated on {res.calibration_samples} examples; ORT CPU parity "
+                     f"rel-L2 {rel_l2:.2e} on {res.compared_on} (int8 preset met)")
+        return res.dst
+    if strongly_typed and precision == "fp16":
+        notes.append("fp16 from the ONNX graph (strongly typed): fragile ops kept in fp32")
+        return prepare_fp16_graph(onnx_path, tmp / f"{onnx_path.stem}.fp16.onnx")
+    if strongly_typed and precision == "bf16" and not _is_bf16_graph(model):
+        notes.append("bf16 from the ONNX graph (strongly typed): fragile ops kept in fp32")
+        return prepare_bf16_graph(onnx_path, tmp / f"{onnx_path.stem}.bf16.onnx")
+    return onnx_path
+
+
 def lint_or_raise(onnx_path: str | os.PathLike) -> LintReport:
     report = lint_for_tensorrt(onnx_path)
     if report.errors:
@@ -314,18 +365,23 @@ def build_engine(
     workspace_gb: float | None = None,
     shapes: Mapping[str, Any] | None = None,
     lint: bool = True,
+    calibration: np.ndarray | None = None,
 ) -> BuildResult:
-    """Lint, derive the profile, build with TensorRT (10 or ≥ 11 path), write engine + sidecar atomically."""
+    """Lint, derive the profile, build with TensorRT (10 or ≥ 11 path), write engine + sidecar atomically.
+
+    int8 builds from a Q/DQ graph: ``onnx_path`` itself when it has Q/DQ nodes (the lint rejects ones TensorRT
+    cannot take), else one quantised here from ``calibration`` (real training inputs, e.g. 256 examples).
+    """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", hint=f"use one of {', '.join(PRECISIONS)}")
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     model, _ = load_model(onnx_path)  # a missing/corrupt file fails before TensorRT is even looked for
     report = lint_or_raise(onnx_path) if lint else None
     profile = derive_profile(model, min_batch, opt_batch, max_batch, shapes=shapes)
-    if precision == "int8" and not _has_qdq(model):
+    if precision == "int8" and not _has_qdq(model) and calibration is None:
         raise UserError("int8 needs explicit Q/DQ nodes in the ONNX graph (TensorRT 11 removed calibrators)",
-                        hint="quantise the ONNX first (e.g. python -m modelopt.onnx.quantization "
-                             "--quantize_mode int8), then build with --precision int8")
+                        hint="pass calibration data (lrdeploy export --trt --precision int8 uses the "
+                             "bundle's training data) or convert_precision(..., 'int8', model_kind='trt')")
 
     trt = import_tensorrt()
     import torch
@@ -349,18 +405,9 @@ def build_engine(
 
     with tempfile.TemporaryDirectory(prefix=".lrdeploy-trt-", dir=engine_path.parent
                                      if engine_path.parent.is_dir() else None) as tmp:
-        parse_path = onnx_path
-        if strongly_typed:
-            flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-            if precision == "fp16":
-                parse_path = prepare_fp16_graph(onnx_path, Path(tmp) / f"{onnx_path.stem}.fp16.onnx")
-                notes.append("fp16 from the ONNX graph (strongly typed): fragile ops kept in fp32")
-            elif precision == "bf16":
-                raise UserError(f"bf16 on TensorRT {trt.__version__} needs a bf16 ONNX graph (strong typing)",
-                                hint="convert: python -m modelopt.onnx.autocast --low_precision_type bf16 "
-                                     "and build that graph with --precision fp32")
-        else:
-            flags = 0  # explicit batch is the only mode in TensorRT 10
+        parse_path = _parse_source(onnx_path, model, Path(tmp), precision, strongly_typed, calibration, notes)
+        # TensorRT 10: explicit batch is the only mode; >= 11: strongly typed, precision from the graph
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(parse_path)):

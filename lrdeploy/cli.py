@@ -260,8 +260,8 @@ def export(
     precision: str = typer.Option(
         "fp32",
         "--precision",
-        help="fp16 or int8: also write <stem>.<precision>.onnx, judged against fp32 (preset + accuracy); "
-        "with --trt, the engine's precision.",
+        help="fp16, bf16 or int8: also write <stem>.<precision>.onnx, judged against fp32 (preset + "
+        "accuracy); with --trt, the engine's precision (int8: from <stem>.int8.trt.onnx, symmetric Q/DQ).",
     ),
     min_batch: int = typer.Option(1, "--min-batch", min=1),
     opt_batch: int | None = typer.Option(None, "--opt-batch", min=1),
@@ -286,44 +286,48 @@ def export(
         bundle,
         out,
         opset=opset,
-        optimize=optimize == "all",
+        optimize=False,  # the preset runs below, step by step, each step checked and recorded
         rank_budget=rank_budget,
         data_dir=data_dir,
         fold=fold,
         fold_batch=fold_batch,
         threads=threads,
     )
-    if optimize == "basic":  # portable ONNX-level optimisation instead of ORT's contrib-op graph
+    optimized = None
+    if optimize != "none":  # basic: portable (standard ops only); all: ORT's contrib-op graph
         from lrdeploy.exporters.onnx import optimized_path_for
         from lrdeploy.exporters.optimize import optimize_onnx
 
-        optimize_onnx(out, optimized_path_for(out), "basic")
+        optimized = optimize_onnx(out, optimized_path_for(out), optimize)
     if fold == "auto":
         report.render(console)
     console.print(
         f"exported [bold]{result.path}[/] ({result.exporter} exporter, opset {result.opset}, "
         f"{result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e}); fold report "
         f"{Path(out).with_suffix('.fold.json')}"
-        + (f"; ORT-optimised copy: {result.optimized_path}" if result.optimized_path else "")
+        + (f"; optimised copy ({optimize}): {optimized.dst}" if optimized is not None else "")
     )
-    if precision in ("fp16", "int8"):
+    if optimized is not None:
+        for step in optimized.steps:
+            console.print(f"  {step.name}: {step.outcome}, {step.nodes_before} → {step.nodes_after} nodes"
+                          + (f" ({step.reason})" if step.reason else ""))
+    if precision in ("fp16", "bf16", "int8"):
         from lrdeploy.workflows import export_precision_variant
 
         variant = export_precision_variant(bundle, out, precision, data_dir=data_dir)
-        verdict = "PASS" if variant.passed else "FAIL: " + "; ".join(variant.failures)
-        acc = variant.accuracy or {}
-        console.print(
-            f"{precision} variant [bold]{Path(out).with_suffix(f'.{precision}.onnx')}[/] ({variant.method}): "
-            f"rel-L2 {variant.parity.get('rel_l2', float('nan')):.1e}, accuracy delta "
-            f"{100 * acc.get('delta', float('nan')):+.2f} points — {verdict}"
-        )
-        if not variant.passed and not trt:
+        _print_variant(variant)
+        if variant.passed is False and not trt:  # None: could not be judged here (bf16 on CPU), said above
             raise typer.Exit(code=1)
     if trt:
         from lrdeploy.exporters.tensorrt import build_engine
 
+        source = Path(out)
+        if precision == "int8":  # TensorRT's own int8 graph, judged on ORT CPU before the GPU build
+            qdq = _trt_int8_graph(bundle, Path(out), data_dir)
+            _print_variant(qdq)
+            source = qdq.dst
         built = build_engine(
-            out,
+            source,
             Path(out).with_suffix(".plan"),
             min_batch=min_batch,
             opt_batch=opt_batch,
@@ -335,6 +339,40 @@ def export(
         console.print(f"TensorRT engine [bold]{built.engine_path}[/] (sidecar {built.sidecar_path})")
         for note in built.notes:
             console.print(f"note: {note}")
+
+
+def _print_variant(variant: Any) -> None:
+    """One line per precision variant: file, method, parity, accuracy delta, verdict (or why none)."""
+    from rich.markup import escape
+
+    acc = variant.accuracy or {}
+    if variant.passed is None:
+        verdict = f"[yellow]parity {escape(variant.judged_by)}[/]"
+    else:
+        verdict = "PASS" if variant.passed else "FAIL: " + escape("; ".join(variant.failures))
+        if variant.judged_by != "onnxruntime-cpu":
+            verdict += f" (onnx.reference on {variant.compared_examples} examples: ORT CPU cannot run it)"
+    console.print(
+        f"{variant.precision} variant [bold]{variant.dst}[/] ({variant.method}): "
+        f"rel-L2 {variant.parity.get('rel_l2', float('nan')):.1e}, accuracy delta "
+        f"{100 * acc.get('delta', float('nan')):+.2f} points — {verdict}"
+    )
+
+
+def _trt_int8_graph(bundle: Path, onnx_path: Path, data_dir: Path | None) -> Any:
+    """``<stem>.int8.trt.onnx``: symmetric Q/DQ for TensorRT, calibrated on the bundle's training data and
+    judged on its test data like the CPU int8 variant; a miss is a UserError (nothing is built)."""
+    from lrdeploy.bundle import read_manifest
+    from lrdeploy.data import load_dataset
+    from lrdeploy.exporters.tensorrt import prepare_int8_graph
+
+    ds_name = (read_manifest(bundle).get("dataset") or {}).get("name")
+    if not ds_name:
+        raise UserError(f"bundle {bundle} records no dataset to calibrate int8 on", "use --precision fp16")
+    calibration = load_dataset(ds_name, "train", data_dir=data_dir, limit=256).x.numpy()
+    test = load_dataset(ds_name, "test", data_dir=data_dir, limit=1000)
+    return prepare_int8_graph(onnx_path, onnx_path.with_suffix(".int8.trt.onnx"), calibration,
+                              test_inputs=test.x.numpy(), labels=test.y.numpy())
 
 
 Precision = typer.Option(

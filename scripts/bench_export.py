@@ -182,6 +182,47 @@ def part_precision(methods_dir: Path, data_dir: Path | None, out: Path, seconds:
     return results
 
 
+def part_translation(dense: Path, lowrank: Path, data_dir: Path | None, out: Path, seconds: float) -> dict:
+    """Transformer on Multi30k (real data): dense and low-rank, each fp32 / fp16 / int8, against dense fp32.
+
+    Each graph is exported as `lrdeploy export --fold auto --precision P` does, then compared with the dense
+    fp32 graph the way `lrdeploy compare` does (perplexity, token accuracy, BLEU on the whole test split;
+    latency of the two graphs interleaved in one run, per pair).
+    """
+    from lrdeploy.translation_compare import compare_translation
+    from lrdeploy.workflows import export_bundle, export_precision_variant
+
+    paths: dict[str, Path] = {}
+    results: dict = {}
+    for label, bundle in (("dense", dense), ("lowrank", lowrank)):
+        fp32 = out / f"mt-{label}.onnx"
+        export_bundle(bundle, fp32, fold="auto", fold_batch=1, optimize=False)
+        paths[f"{label}-fp32"] = fp32
+        for prec in ("fp16", "int8"):
+            res = export_precision_variant(bundle, fp32, prec, data_dir=data_dir)
+            paths[f"{label}-{prec}"] = fp32.with_suffix(f".{prec}.onnx")
+            results[f"{label}-{prec}"] = {"method": res.method, "passed": res.passed,
+                                          "failures": res.failures}
+    for key, path in paths.items():
+        if key == "dense-fp32":
+            continue
+        rep = compare_translation(paths["dense-fp32"], path, data_dir=data_dir, min_seconds=seconds,
+                                  max_bleu_drop=100.0, max_perplexity_increase=100.0, progress=False)
+        task, lat = rep["task"], rep["latency"]
+        results.setdefault("dense-fp32", {k: task["reference"][k] for k in ("perplexity", "token_accuracy",
+                                                                             "bleu")})
+        results.setdefault(key, {}).update({k: task["candidate"][k] for k in ("perplexity", "token_accuracy",
+                                                                             "bleu")})
+        results[key]["top1_agreement_vs_dense_fp32"] = rep["parity"].get("top1_agreement")
+        results[key]["params"] = rep.get("candidate", {}).get("params")
+        for b, row in lat.items():
+            if isinstance(row, dict) and "speedup" in row:
+                results[key][f"b{b}_speedup_vs_dense_fp32"] = row["speedup"]
+        print(key, json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                               for k, v in results[key].items()}), flush=True)
+    return results
+
+
 def part_export_time(methods_dir: Path, out: Path) -> dict:
     """Cold fold-cost cache (a fresh XDG_CACHE_HOME per export), auto fold, as `lrdeploy export` does."""
     from lrdeploy.bundle import save_bundle
@@ -236,7 +277,10 @@ def main() -> None:
     p.add_argument("--ratios", default="0.25,0.5")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--seconds", type=float, default=1.0)
-    p.add_argument("--parts", default="fold,precision,export")
+    p.add_argument("--parts", default="fold,precision,export",
+                   help="any of fold,precision,translation,export")
+    p.add_argument("--translation-dense", type=Path, default=Path("runs/bench-precision/tdense"))
+    p.add_argument("--translation-lowrank", type=Path, default=Path("runs/bench-precision/tsvd"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
@@ -250,6 +294,9 @@ def main() -> None:
         )
     if "precision" in parts:
         result["precision"] = part_precision(args.methods_dir, args.data_dir, args.out, args.seconds)
+    if "translation" in parts:
+        result["translation"] = part_translation(args.translation_dense, args.translation_lowrank,
+                                                 args.data_dir, args.out, args.seconds)
     if "export" in parts:
         result["export_seconds"] = part_export_time(args.methods_dir, args.out)
     write_json(args.out / f"results-{'-'.join(parts)}.json", result)

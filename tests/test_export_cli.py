@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -84,3 +85,50 @@ def test_trt_without_tensorrt_is_one_line(lowrank_bundle, tmp_path):
     proc = lrdeploy_subprocess("export", lowrank_bundle, "--out", tmp_path / "t.onnx", "--trt")
     assert_user_error(proc, "tensorrt")
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_bf16_variant_end_to_end(lowrank_bundle, tmp_path):
+    """--precision bf16 writes <stem>.bf16.onnx (bf16 weights, fp32 I/O) and says how it was judged."""
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    r = invoke("export", lowrank_bundle, "--out", out, "--fold", "factored", "--precision", "bf16")
+    assert r.exit_code == 0, r.output
+    variant = onnx.load(str(out.with_suffix(".bf16.onnx")))
+    assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in variant.graph.initializer)
+    assert variant.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    text = " ".join(r.output.split())  # Rich wraps lines
+    assert "bf16 variant" in text and "(bf16): rel-L2" in text and "PASS" in text
+    try:  # ORT 1.32's CPU provider has no bf16 Conv/Gemm kernels: the reference evaluator judged it
+        ort.InferenceSession(str(out.with_suffix(".bf16.onnx")), providers=["CPUExecutionProvider"])
+    except Exception:
+        assert "onnx.reference on 16 examples" in text  # no dataset in the bundle: 16 random inputs
+
+
+def test_trt_int8_builds_from_a_symmetric_qdq_graph(tmp_path, data_dir, monkeypatch):
+    """--trt --precision int8: the TensorRT Q/DQ graph is calibrated on the bundle's data, judged on ORT CPU
+    and printed, and it is what the (here fake) TensorRT parser receives, strongly typed on TRT 11."""
+    import onnx
+
+    from lrdeploy.bundle import save_bundle
+    from lrdeploy.exporters.lint import trt_qdq_findings
+
+    from .test_tensorrt import _FakeTensorRT
+
+    torch.manual_seed(0)
+    save_bundle(tmp_path / "b", create_model("lenet5"), model_name="lenet5", model_args={"num_classes": 10},
+                method={"name": "none"}, dataset={"name": "mnist"}, metrics={})
+    fake = _FakeTensorRT("11.0.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "fake GPU")
+    out = tmp_path / "m.onnx"
+    r = invoke("export", tmp_path / "b", "--out", out, "--fold", "factored", "--precision", "int8", "--trt",
+               "--data-dir", data_dir)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "failed to build an engine from m.int8.trt.onnx" in text  # the fake's build
+    assert "(int8-static-qdq)" in text and "(int8-trt-qdq)" in text and text.count("PASS") == 2
+    qdq = onnx.load(str(out.with_suffix(".int8.trt.onnx")))
+    assert trt_qdq_findings(qdq) == [] and any(n.op_type == "QuantizeLinear" for n in qdq.graph.node)
+    (parsed,) = fake.parsed
+    assert parsed.SerializeToString() == qdq.SerializeToString() and fake.network_flags == [1 << 5]

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from torch import nn
 
-from lrdeploy.exporters.lint import lint_for_tensorrt
+from lrdeploy.exporters.lint import lint_for_tensorrt, trt_qdq_findings
 from lrdeploy.exporters.onnx import export_onnx
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy:DeprecationWarning")
@@ -141,3 +141,46 @@ def test_rich_table_and_bad_files(exported, tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="not a valid ONNX"):
         lint_for_tensorrt(tmp_path / "bad.onnx")
+
+
+def test_trt_qdq_accepts_symmetric_int8_and_rejects_ort_default(exported, tmp_path):
+    from lrdeploy.exporters.precision import convert_precision
+
+    plain, _ = exported
+    calib = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    trt = convert_precision(plain, tmp_path / "trt.onnx", "int8", model_kind="trt", calibration=calib)
+    ort_default = convert_precision(plain, tmp_path / "static.onnx", "int8", model_kind="static",
+                                    calibration=calib)
+    assert trt_qdq_findings(trt.dst) == [] and lint_for_tensorrt(trt.dst).ok
+    findings = trt_qdq_findings(ort_default.dst)
+    messages = " ".join(f.message for f in findings)
+    assert "(asymmetric)" in messages and "uint8, not int8" in messages  # activations
+    assert "int32, not int8" in messages  # ORT quantises the bias to int32 behind a DequantizeLinear
+    report = lint_for_tensorrt(ort_default.dst)
+    assert not report.ok and "trt-qdq" in report.codes() and "model_kind='trt'" in report.errors[0].fix
+
+
+def _qdq_model(zero_point: np.ndarray | None, scale: np.ndarray) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    inits = [numpy_helper.from_array(scale, "s")]
+    q_in = ["x", "s"]
+    if zero_point is not None:
+        inits.append(numpy_helper.from_array(zero_point, "zp"))
+        q_in.append("zp")
+    nodes = [helper.make_node("QuantizeLinear", q_in, ["q"], axis=1),
+             helper.make_node("DequantizeLinear", ["q", *q_in[1:]], ["y"], axis=1)]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_trt_qdq_findings_on_hand_built_graphs():
+    one = np.array(0.1, dtype=np.float32)
+    assert trt_qdq_findings(_qdq_model(np.array(0, dtype=np.int8), one)) == []
+    no_zp = trt_qdq_findings(_qdq_model(None, one))  # ONNX's default zero point is uint8
+    assert len(no_zp) == 2 and all("uint8, not int8" in f.message for f in no_zp)
+    shifted = trt_qdq_findings(_qdq_model(np.array(3, dtype=np.int8), one))
+    assert len(shifted) == 2 and all("[3] is not 0" in f.message for f in shifted)
+    per_channel = trt_qdq_findings(_qdq_model(np.zeros(4, np.int8), np.full(4, 0.1, np.float32)))
+    assert [f.message.split(":")[0] for f in per_channel] == ["QuantizeLinear"]
+    assert "per-channel scales on an activation" in per_channel[0].message

@@ -153,3 +153,159 @@ def test_strict_raises_and_writes_nothing(tmp_path):
         convert_precision(src, tmp_path / "x.onnx", "int8", test_inputs=x, labels=y, max_accuracy_drop=-1.0,
                           strict=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+# --- bf16 ------------------------------------------------------------------------------------------------
+
+
+class _TinyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.max_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
+
+
+def _ort_can_load(path) -> bool:
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
+
+
+def test_bf16_keeps_fragile_ops_and_io_fp32(tmp_path):
+    src = _export(_NormSoftmax(), tmp_path / "m.onnx", (16,))
+    x = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    res = convert_precision(src, tmp_path / "m.bf16.onnx", "bf16", test_inputs=x)
+    proto = onnx.load(str(res.dst))
+    onnx.checker.check_model(proto, full_check=True)
+    types = _input_types(proto)
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    for node in proto.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            assert all(types[i] == f32 for i in node.input if i), node.op_type
+        if node.op_type == "Gemm":  # activations, weights and bias all bf16
+            assert all(types[i] == bf16 for i in node.input), node.input
+    assert {"LayerNormalization", "Softmax"} <= set(res.fp32_ops)
+    inits = {i.name: i.data_type for i in proto.graph.initializer}
+    assert inits["fc1.weight"] == bf16 and inits["norm.weight"] == f32
+    assert proto.graph.input[0].type.tensor_type.elem_type == f32
+    assert proto.graph.output[0].type.tensor_type.elem_type == f32
+    # judged like fp16, by whichever runtime can run bf16 here; bf16 rounding is visible, and within preset
+    expected = "onnxruntime-cpu" if _ort_can_load(res.dst) else "onnx.reference"
+    assert res.judged_by.startswith(expected) and res.compared_examples == 64
+    assert res.passed is True and res.parity["precision"] == "bf16"
+    assert 1e-3 < res.parity["rel_l2"] < 3e-2  # bf16's unit roundoff is 3.9e-3: fp32 arithmetic gives ~1e-7
+    assert res.size_bytes["bf16"] < 0.75 * res.size_bytes["fp32"]
+    again = evaluate_variant(src, res.dst, x[:32], precision="bf16")
+    assert again["passed"] and again["examples"] == 32 and again["judged_by"] == res.judged_by
+
+
+def test_bf16_conv_net_is_raised_to_opset_22(tmp_path):
+    torch.manual_seed(0)
+    src = _export(_TinyConv(), tmp_path / "c.onnx", (1, 8, 8))
+    x = np.random.default_rng(2).standard_normal((48, 1, 8, 8)).astype(np.float32)
+    res = convert_precision(src, tmp_path / "c.bf16.onnx", "bf16", test_inputs=x)
+    proto = onnx.load(str(res.dst))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [22]
+    assert any("opset raised from" in n for n in res.notes)
+    types = _input_types(proto)
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "MaxPool", "Gemm")]
+    assert len(convs) == 3 and all(types[n.input[0]] == onnx.TensorProto.BFLOAT16 for n in convs)
+    assert res.fp32_ops == [] and res.passed is True, res.failures
+    assert 1e-3 < res.parity["rel_l2"] < 3e-2
+
+
+def test_bf16_shared_weights_constants_and_consumed_outputs(tmp_path):
+    """Hand-built corner cases: a weight read by a bf16 op and by a blocked op (fp32 weight + bf16 twin), a
+    Constant, and a graph output that another node also reads."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from lrdeploy.exporters.precision import to_bf16
+
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "w")
+    c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.float32([1.5] * 8)))
+    nodes = [c, helper.make_node("Add", ["x", "w"], ["a"]),  # bf16, reads w
+             helper.make_node("LayerNormalization", ["a", "w"], ["ln"]),  # fp32, reads w and output a
+             helper.make_node("Mul", ["ln", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 8]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    conv = to_bf16(model)
+    out = conv.model
+    onnx.checker.check_model(out, full_check=True)
+    inits = {i.name: i.data_type for i in out.graph.initializer}
+    assert inits["w"] == TensorProto.FLOAT and TensorProto.BFLOAT16 in inits.values() and len(inits) == 2
+    assert [o.type.tensor_type.elem_type for o in out.graph.output] == [TensorProto.FLOAT] * 2
+    assert [o.name for o in out.graph.output] == ["a", "y"]
+    assert conv.fp32_ops == ["LayerNormalization"]
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    ref = ReferenceEvaluator(model).run(None, {"x": x})
+    got = ReferenceEvaluator(out).run(None, {"x": x})
+    for r, g in zip(ref, got, strict=True):
+        assert g.dtype == np.float32
+        rel = np.linalg.norm(g - r) / np.linalg.norm(r)
+        assert 1e-4 < rel < 2e-2, rel
+
+
+def test_bf16_not_judged_is_never_a_pass(tmp_path, monkeypatch):
+    from lrdeploy.exporters import precision
+
+    src = _export(_NormSoftmax(), tmp_path / "m.onnx", (16,))
+    x = np.random.default_rng(4).standard_normal((32, 16)).astype(np.float32)
+    monkeypatch.setattr(precision, "_run_all", _ort_refuses_bf16(precision._run_all))
+    monkeypatch.setattr(precision, "REFERENCE_BUDGET_S", 0.0)  # not even one example fits
+    res = convert_precision(src, tmp_path / "m.bf16.onnx", "bf16", test_inputs=x)
+    assert res.passed is None and res.failures == [] and res.compared_examples == 0
+    assert res.judged_by.startswith("not run: ") and "budget" in res.judged_by
+    assert res.parity["status"] == res.judged_by and "rel_l2" not in res.parity
+    assert res.dst.exists()
+    with pytest.raises(UserError, match="was not judged"):
+        convert_precision(src, tmp_path / "strict.onnx", "bf16", test_inputs=x, strict=True)
+    assert not (tmp_path / "strict.onnx").exists()
+
+
+def _ort_refuses_bf16(run_all):
+    """ORT's runner, failing like ORT 1.32's CPU provider on any bf16 graph (whatever this ORT can do)."""
+
+    def run(data: bytes, feeds, batch_size):
+        graph = onnx.ModelProto.FromString(data).graph
+        if any(i.data_type == onnx.TensorProto.BFLOAT16 for i in graph.initializer):
+            raise UserError("ONNX Runtime cannot run the converted graph (NOT_IMPLEMENTED)")
+        return run_all(data, feeds, batch_size)
+
+    return run
+
+
+# --- int8 for TensorRT ------------------------------------------------------------------------------------
+
+
+def test_int8_trt_qdq_is_symmetric_per_channel_and_judged_on_ort(tmp_path):
+    from lrdeploy.exporters.lint import trt_qdq_findings
+
+    torch.manual_seed(0)
+    src = _export(_TinyConv(), tmp_path / "c.onnx", (1, 8, 8))
+    rng = np.random.default_rng(5)
+    calib = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((128, 1, 8, 8)).astype(np.float32)
+    res = convert_precision(src, tmp_path / "c.int8.trt.onnx", "int8", model_kind="trt", calibration=calib,
+                            test_inputs=x)
+    assert res.method == "int8-trt-qdq" and res.model_kind == "trt" and res.calibration_samples == 64
+    proto = onnx.load(str(res.dst))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(inits[n.input[2]].dtype == np.int8 and not inits[n.input[2]].any() for n in qdq)
+    conv_w = next(n for n in qdq if n.input[0] in inits and inits[n.input[0]].ndim == 4)
+    assert inits[conv_w.input[0]].dtype == np.int8 and inits[conv_w.input[1]].shape == (4,)  # per channel
+    assert all(inits[n.input[0]].dtype == np.int8 for n in qdq if n.input[0] in inits)  # no int32 bias
+    assert trt_qdq_findings(proto) == []
+    assert res.judged_by == "onnxruntime-cpu" and res.parity["precision"] == "int8"
+    assert res.passed is True and 0 < res.parity["rel_l2"] < 1e-1

@@ -6,6 +6,8 @@ import builtins
 import importlib.util
 import json
 import sys
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -172,6 +174,108 @@ def test_placeholder_tensorrt_and_no_gpu(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="no CUDA GPU"):
         build_engine(path, tmp_path / "m.plan")
+
+
+class _FakeTensorRT:
+    """Just enough of TensorRT's Python API for ``build_engine`` to reach the builder: it records the graph
+    handed to the ONNX parser, the network flags and the builder flags, then fails the build (None)."""
+
+    def __init__(self, version: str) -> None:
+        self.__version__ = version
+        self.parsed: list[onnx.ModelProto] = []
+        self.network_flags: list[int] = []
+        self.builder_flags: list[str] = []
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+        self.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
+        self.BuilderFlag = SimpleNamespace(FP16="FP16", BF16="BF16", INT8="INT8", SPARSE_WEIGHTS="SPARSE")
+        self.ProfilingVerbosity = SimpleNamespace(DETAILED="DETAILED")
+
+    def Builder(self, logger: Any) -> Any:  # noqa: N802 - TensorRT's name
+        config = SimpleNamespace(set_flag=self.builder_flags.append, add_optimization_profile=lambda p: None)
+        return SimpleNamespace(
+            create_network=lambda flags: self.network_flags.append(flags) or SimpleNamespace(),
+            create_builder_config=lambda: config,
+            create_optimization_profile=lambda: SimpleNamespace(set_shape=lambda *a: None),
+            build_serialized_network=lambda network, cfg: None)
+
+    def OnnxParser(self, network: Any, logger: Any) -> Any:  # noqa: N802
+        def parse(path: str) -> bool:
+            self.parsed.append(onnx.load(path))
+            return True
+
+        return SimpleNamespace(parse_from_file=parse, num_errors=0)
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    def install(version: str) -> _FakeTensorRT:
+        fake = _FakeTensorRT(version)
+        monkeypatch.setitem(sys.modules, "tensorrt", fake)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "fake GPU")
+        return fake
+
+    return install
+
+
+def _build_until_the_builder(path, tmp_path, **kwargs) -> None:
+    with pytest.raises(UserError, match="failed to build an engine"):
+        build_engine(path, tmp_path / "m.plan", max_batch=4, **kwargs)
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_bf16_on_trt11_builds_a_bf16_graph_strongly_typed(exported, tmp_path, fake_trt):
+    _, path, _ = exported
+    trt = fake_trt("11.0.0")
+    _build_until_the_builder(path, tmp_path, precision="bf16")
+    assert trt.network_flags == [1 << 5] and trt.builder_flags == []  # the graph carries the precision
+    (graph,) = trt.parsed
+    types = _float_types(graph)
+    assert graph.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    gemms = [n for n in graph.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert gemms and all(types[n.input[1]] == TensorProto.BFLOAT16 for n in gemms)
+    norms = [n for n in graph.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert norms and all(types[n.input[0]] == TensorProto.FLOAT for n in norms)
+    # TensorRT 10 keeps the fp32 graph and the builder flag
+    trt10 = fake_trt("10.9.0")
+    _build_until_the_builder(path, tmp_path, precision="bf16")
+    assert trt10.network_flags == [0] and trt10.builder_flags == ["BF16"]
+    assert not any(i.data_type == TensorProto.BFLOAT16 for i in trt10.parsed[0].graph.initializer)
+
+
+@pytest.fixture(scope="module")
+def mlp_path(tmp_path_factory):
+    """Logits far apart (last layer scaled up): int8 noise must not flip an untrained model's arg-max."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(8.0)
+    return export_onnx(model, tmp_path_factory.mktemp("mlp") / "mlp.onnx", input_shape=(16,)).path
+
+
+@pytest.mark.parametrize("version", ["10.9.0", "11.0.0"])
+def test_int8_with_calibration_builds_a_symmetric_qdq_graph(mlp_path, tmp_path, fake_trt, version):
+    from lrdeploy.exporters.lint import trt_qdq_findings
+
+    trt = fake_trt(version)
+    calib = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    _build_until_the_builder(mlp_path, tmp_path, precision="int8", calibration=calib)
+    (graph,) = trt.parsed
+    assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node) and trt_qdq_findings(graph) == []
+    if version.startswith("10"):
+        assert trt.network_flags == [0] and trt.builder_flags == ["INT8"]
+    else:
+        assert trt.network_flags == [1 << 5] and trt.builder_flags == []
+
+
+def test_asymmetric_qdq_graph_is_refused_before_tensorrt(exported, tmp_path):
+    from lrdeploy.exporters.precision import convert_precision
+
+    _, path, _ = exported
+    calib = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    cpu = convert_precision(path, tmp_path / "cpu.onnx", "int8", model_kind="static", calibration=calib)
+    with pytest.raises(UserError, match="lint failed.*trt-qdq"):
+        build_engine(cpu.dst, tmp_path / "m.plan", precision="int8")
 
 
 def test_sparse_layers_from_inspector():
