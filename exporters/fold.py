@@ -26,6 +26,7 @@ from lrdeploy.errors import UserError
 from lrdeploy.exporters import fold_cost
 from lrdeploy.exporters.fold_cost import LayerShape, MeasureConfig
 from lrdeploy.exporters.layer_times import LayerTimes
+from lrdeploy.host import resolve_threads
 from lrdeploy.layers.lowrank import FOLD_MODES, LowRankLayer
 
 ALL_FOLD_MODES = (*FOLD_MODES, "auto")
@@ -180,11 +181,7 @@ def fold_with_report(
     if auto and backend not in fold_cost.BACKENDS:
         raise UserError(f"no fold cost model for backend {backend!r}",
                         hint=f"use one of {', '.join(fold_cost.BACKENDS)}, or fold factored/dense")
-    n_threads = None
-    if auto:
-        from lrdeploy.serving.runtimes.base import resolve_threads
-
-        n_threads = resolve_threads(threads)
+    n_threads = resolve_threads(threads) if auto else None
     folded = copy.deepcopy(model).eval()
     layers = list(_foldables(folded))
     input_shapes: dict[str, tuple[int, ...]] = {}

@@ -33,6 +33,7 @@ from torch import nn
 
 from lrdeploy import atomic
 from lrdeploy.errors import UserError
+from lrdeploy.host import cpu_info, session_options
 from lrdeploy.layers.lowrank import LowRankConv2d, LowRankLayer, LowRankLinear
 
 BACKENDS = ("ort-cpu",)
@@ -157,8 +158,6 @@ def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
 @lru_cache(maxsize=1)
 def cpu_model() -> str:
-    from lrdeploy.serving.bench import cpu_info
-
     return str(cpu_info()["model"])
 
 
@@ -251,8 +250,6 @@ def _onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
 
 def _session(model: bytes, threads: int) -> Any:
     import onnxruntime as ort
-
-    from lrdeploy.serving.runtimes.ort_session import session_options
 
     return ort.InferenceSession(model, sess_options=session_options(threads),
                                 providers=["CPUExecutionProvider"])

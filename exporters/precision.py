@@ -408,10 +408,33 @@ class _Verdict:
     examples: int
 
 
+def token_rows(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Sequence scores (N × T × V) as one row per token, dropping padding (label < 0); others unchanged.
+
+    Labels of a sequence model are N × T token ids with padding marked -1, so accuracy and parity are both
+    over real target tokens, as in teacher-forced evaluation.
+    """
+    if ref.ndim != 3:
+        return ref, cand, None if labels is None else np.asarray(labels).reshape(-1)
+    ref, cand = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+    if labels is None:
+        return ref, cand, None
+    y = np.asarray(labels).reshape(-1)
+    if y.shape[0] != ref.shape[0]:
+        raise UserError(f"{y.shape[0]} token labels for {ref.shape[0]} scored tokens",
+                        "pass N × T labels for N × T × V scores")
+    keep = y >= 0
+    return ref[keep], cand[keep], y[keep]
+
+
 def _judge_outputs(
     ref: list[np.ndarray], cand: list[np.ndarray], precision: str, labels: np.ndarray | None,
     max_accuracy_drop: float | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+    ref, cand = list(ref), list(cand)
+    if labels is not None or ref[0].ndim == 3:  # sequence scores: one row per (non-padding) token
+        ref[0], cand[0], labels = token_rows(ref[0], cand[0], labels)
     verdicts = [judge(output_parity(r, c), precision) for r, c in zip(ref, cand, strict=True)]
     failures = [f for i, v in enumerate(verdicts) for f in
                 (v["failures"] if len(verdicts) == 1 else [f"output {i}: {f}" for f in v["failures"]])]
@@ -438,7 +461,7 @@ def _evaluate(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: Mapping[str, n
         return _Verdict({"precision": precision, "status": judged_by}, None, [], None, judged_by, 0)
     n = len(cand_out[0])
     ref_out = _run_all(ref.SerializeToString(), {k: v[:n] for k, v in feeds.items()}, batch_size)
-    y = None if labels is None else np.asarray(labels).reshape(-1)[:n]
+    y = None if labels is None else np.asarray(labels)[:n]
     parity, acc, failures = _judge_outputs(ref_out, cand_out, precision, y, max_accuracy_drop)
     return _Verdict(parity, acc, failures, not failures, judged_by, n)
 

@@ -46,20 +46,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lrdeploy.errors import UserError
+from lrdeploy.host import cpu_info  # engine-level: the fold cost model keys its cache by the CPU model
 
 from .runtimes.base import Runtime, available_cpus, cuda_device_info, measure_memory, nvidia_driver_version
 
 Clock = Callable[[], float]
 
-# ISA features that change CPU inference speed; recorded so a result says what the CPU could do.
-_CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
-                          "amx_bf16", "amx_int8", "neon", "asimd", "sve")
 _VERSIONED_PACKAGES = ("lrdeploy", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensorrt")
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ORT_NUM_THREADS")
 # Statistics a paired speed-up is computed at (block statistic -> LatencyStats attribute).
@@ -272,35 +269,6 @@ class BenchResult:
 
 
 # -------------------------------------------------------------------------------------------- environment
-def cpu_info(path: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
-    """CPU model, physical core count and inference-relevant ISA flags, from /proc/cpuinfo if present."""
-    model, flags, cores = None, set(), set()
-    physical_id = None
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key, value = key.strip().lower(), value.strip()
-        if model is None and key in ("model name", "hardware", "cpu model", "processor") and value \
-                and not value.isdigit():
-            model = value
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-        elif key == "physical id":
-            physical_id = value
-        elif key == "core id":
-            cores.add((physical_id, value))
-    return {
-        "model": model or platform.processor() or platform.machine() or "unknown",
-        "physical_cores": len(cores) or None,
-        "flags": [f for f in _CPU_FLAGS_OF_INTEREST if f in flags],
-    }
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in _VERSIONED_PACKAGES:

@@ -309,3 +309,18 @@ def test_int8_trt_qdq_is_symmetric_per_channel_and_judged_on_ort(tmp_path):
     assert trt_qdq_findings(proto) == []
     assert res.judged_by == "onnxruntime-cpu" and res.parity["precision"] == "int8"
     assert res.passed is True and 0 < res.parity["rel_l2"] < 1e-1
+
+
+def test_token_rows_flatten_sequence_scores_and_drop_padding():
+    from lrdeploy.exporters.precision import token_rows
+
+    ref = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    labels = np.array([[1, 2, -1], [3, -1, -1]])
+    r, c, y = token_rows(ref, ref + 1, labels)
+    assert r.shape == (3, 4) and y.tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(r[2], ref[1, 0])
+    np.testing.assert_array_equal(c - r, np.ones((3, 4)))
+    flat, _, y2 = token_rows(ref[:, 0], ref[:, 0], np.array([[0], [1]]))  # class scores: unchanged
+    assert flat.shape == (2, 4) and y2.tolist() == [0, 1]
+    with pytest.raises(UserError):
+        token_rows(ref, ref, np.zeros((2, 2)))

@@ -171,3 +171,17 @@ def test_svd_compress_evaluates_and_fine_tunes_a_translation_bundle(tmp_path, da
     assert m["params"] < dense["params"]
     r = invoke("export", out, "--out", tmp_path / "svd.onnx")
     assert r.exit_code == 0, r.output
+
+
+def test_int8_and_fp16_variants_are_judged_on_test_sentence_pairs(tmp_path, pipeline, data_dir):
+    torch.set_num_threads(1)
+    from lrdeploy.workflows import export_precision_variant
+
+    fp32 = pipeline["root"] / "dense.onnx"
+    for precision, method in (("int8", "int8-dynamic"), ("fp16", "fp16")):
+        res = export_precision_variant(pipeline["root"] / "dense", fp32, precision, data_dir=data_dir,
+                                       test_examples=40)
+        assert res.dst.exists() and res.method == method and res.passed, res.failures
+        acc = res.accuracy  # token accuracy over the non-padding target tokens of the 40 sentences
+        assert 40 < acc["samples"] < 40 * 32 and 0 <= acc["fp32"] <= 1
+        assert res.parity["top1_agreement"] > 0.9

@@ -7,7 +7,6 @@ does not record this cannot be reproduced or trusted (ORT-GPU silently falls bac
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from lrdeploy.errors import UserError
+from lrdeploy.host import available_cpus as available_cpus  # re-exported: engine-level, exporters use it
+from lrdeploy.host import resolve_threads as resolve_threads  # re-exported: idem
 
 
 @runtime_checkable
@@ -37,27 +38,6 @@ class Runtime(Protocol):
     def describe(self) -> dict[str, Any]:
         """{"backend", "device", "providers", "threads", "version", ...}: what is really in use."""
         ...
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (affinity/cgroup-limited where the OS says so), at least 1.
-
-    ``os.cpu_count()`` reports the host's CPUs even inside a restricted container or under ``taskset``;
-    pinning more threads than we may use makes thread pools fight and latency bimodal.
-    """
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def resolve_threads(threads: int | None) -> int:
-    """The thread count to pin: the caller's, or every CPU we may use. Rejects nonsense early."""
-    if threads is None:
-        return available_cpus()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise UserError(f"threads must be a positive integer, got {threads!r}", hint="pass e.g. --threads 2")
-    return threads
 
 
 # ------------------------------------------------------------------------------------------ device outputs

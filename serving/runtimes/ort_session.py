@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from lrdeploy.errors import UserError
-
-from .base import resolve_threads
+from lrdeploy.host import session_options  # engine-level: the fold cost model uses the same options
 
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -59,24 +58,6 @@ def one_line(exc: BaseException) -> str:
 
 def provider_hint(provider: str) -> str:
     return _PROVIDER_HINTS.get(provider, _DEFAULT_HINT)
-
-
-def session_options(threads: int | None = None) -> Any:
-    """The options baseline.md measured with, so numbers stay comparable across runtimes and machines.
-
-    ``ORT_ENABLE_ALL`` (the provider-specific fusions are part of what a user deploys); intra-op threads
-    pinned (default: the CPUs this process may use) and one inter-op pool with sequential execution, because
-    ORT's own default depends on the host and two pools fight over the same cores.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = resolve_threads(threads)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: warnings would interleave with the progress display
-    return options
 
 
 def _import_ort() -> Any:
