@@ -64,8 +64,18 @@ def _example(model: torch.nn.Module, shape: tuple[int, ...]):
     return tuple(make(1, 32, 32)) if callable(make) else torch.randn((1, *shape))
 
 
-def part_fold(out: Path, ratios: list[float], batches: list[int], seconds: float) -> dict:
+def _int8(src: Path, calibration: np.ndarray | None) -> Path:
+    """What `lrdeploy export --precision int8` writes: static QDQ for conv nets, dynamic for the rest."""
+    dst = src.with_suffix(".int8.onnx")
+    convert_precision(src, dst, "int8", calibration=calibration)
+    return dst
+
+
+def part_fold(out: Path, ratios: list[float], batches: list[int], seconds: float,
+              data_dir: Path | None = None) -> dict:
+    """Fold modes plus the int8 alternatives (dense int8, auto-folded int8), all against dense fp32."""
     results: dict = {}
+    cifar = load_dataset("cifar10", "train", data_dir=data_dir, limit=256).x.numpy()  # real calibration
     setups = {
         "resnet18": (lambda: create_model("resnet18"), (3, 32, 32)),
         "transformer": (lambda: create_model("transformer", src_vocab=8000, tgt_vocab=6000), (32,)),
@@ -74,6 +84,8 @@ def part_fold(out: Path, ratios: list[float], batches: list[int], seconds: float
         torch.manual_seed(0)
         dense = make().eval()
         dense_path = _export(dense, out / f"{name}-dense.onnx", shape)
+        calibration = cifar if name == "resnet18" else None
+        dense_int8 = _int8(dense_path, calibration)
         dense_flops = count_flops(dense, shape)
         for ratio in ratios:
             low = make().eval()
@@ -92,6 +104,8 @@ def part_fold(out: Path, ratios: list[float], batches: list[int], seconds: float
                     path = out / f"{key}-{mode}-b{b}.onnx"
                     paths[mode] = _export(folded.eval(), path, shape)
                     decisions[mode] = report.to_dict().get("summary")
+                paths["dense-int8"] = dense_int8
+                paths["auto-int8"] = _int8(paths["auto"], calibration)
                 runtimes = {k: OrtCpuRuntime(p) for k, p in paths.items()}
                 if getattr(dense, "example_inputs", None):
                     feeds = {b: tuple(t.numpy() for t in dense.example_inputs(b, 32, 32))}
@@ -223,10 +237,59 @@ def part_translation(dense: Path, lowrank: Path, data_dir: Path | None, out: Pat
     return results
 
 
-def part_export_time(methods_dir: Path, out: Path) -> dict:
-    """Cold fold-cost cache (a fresh XDG_CACHE_HOME per export), auto fold, as `lrdeploy export` does."""
+def part_fold_report(out: Path, batches: list[int]) -> dict:
+    """Predicted (micro-benchmark per layer shape) vs measured (profiled inside the exported model) layer
+    times, from the fold report `lrdeploy export --fold auto --fold-batch B` writes (cold cache)."""
     from lrdeploy.bundle import save_bundle
     from lrdeploy.workflows import export_bundle
+
+    results: dict = {}
+    cases = {"resnet18": ({}, (3, 32, 32)), "transformer": ({"src_vocab": 8000, "tgt_vocab": 6000}, (32,))}
+    for name, (args, shape) in cases.items():
+        torch.manual_seed(0)
+        model = create_model(name, **args)
+        compress(model, rank_ratio=0.25)
+        bdir = out / f"foldreport-{name}"
+        if not bdir.exists():
+            save_bundle(bdir, model, model_name=name, model_args=args, method={"name": "svd"}, dataset={},
+                        metrics={}, input_shape=shape)
+        for b in batches:
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["XDG_CACHE_HOME"] = cache
+                _, report = export_bundle(bdir, out / f"foldreport-{name}-b{b}.onnx", fold="auto",
+                                          fold_batch=b, optimize=False)
+            rep = report.to_dict()
+            ratios = [lf.measured_ms / lf.predicted_ms for lf in report.layers
+                      if lf.measured_ms and lf.predicted_ms]
+            im = rep["in_model"]
+            row = {**rep["summary"], "other_ms": im["other_ms"], "kernel_ms": im["kernel_ms"],
+                   "run_ms_median": im["run_ms_median"], "attributed_share": im["attributed_share"],
+                   "layer_ratio_median": float(np.median(ratios)) if ratios else None,
+                   "layer_ratio_p10": float(np.percentile(ratios, 10)) if ratios else None,
+                   "layer_ratio_p90": float(np.percentile(ratios, 90)) if ratios else None}
+            results[f"{name}@0.25-b{b}"] = row
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+            print(name, b, json.dumps(shown), flush=True)
+    return results
+
+
+def _timed_cli_export(bundle: Path, out: Path) -> float:
+    """Wall time of the real command (`lrdeploy export`, process start included) with a cold cache."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "XDG_CACHE_HOME": cache}
+        cli = [str(Path(sys.executable).with_name("lrdeploy")), "export", str(bundle), "--out", str(out),
+               "--fold", "auto"]
+        t0 = time.perf_counter()
+        subprocess.run(cli, env=env, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+
+def part_export_time(methods_dir: Path, out: Path) -> dict:
+    """Cold fold-cost cache, `lrdeploy export --fold auto` (in-model layer timing and --optimize all)."""
+    from lrdeploy.bundle import save_bundle
 
     results = {}
     cases = {
@@ -242,29 +305,17 @@ def part_export_time(methods_dir: Path, out: Path) -> dict:
             if ratio:
                 compress(model, rank_ratio=ratio)
             bdir = out / f"export-{label}-{ratio or 'dense'}"
-            save_bundle(
-                bdir,
-                model,
-                model_name=name,
-                model_args=args,
-                method={"name": "svd" if ratio else "dense"},
-                dataset={},
-                metrics={},
-                input_shape=shape,
-            )
-            with tempfile.TemporaryDirectory() as cache:
-                os.environ["XDG_CACHE_HOME"] = cache
-                t0 = time.perf_counter()
-                export_bundle(bdir, out / f"{bdir.name}.onnx", fold="auto")
-                results[f"{label}-{ratio or 'dense'}"] = time.perf_counter() - t0
-            print("export", label, ratio, round(results[f"{label}-{ratio or 'dense'}"], 1), "s", flush=True)
+            if not bdir.exists():
+                save_bundle(bdir, model, model_name=name, model_args=args,
+                            method={"name": "svd" if ratio else "dense"}, dataset={}, metrics={},
+                            input_shape=shape)
+            key = f"{label}-{ratio or 'dense'}"
+            results[key] = _timed_cli_export(bdir, out / f"{bdir.name}.onnx")
+            print("export", label, ratio, round(results[key], 1), "s", flush=True)
     for method in ("cuttlefish", "maestro"):
         if (methods_dir / method).exists():
-            with tempfile.TemporaryDirectory() as cache:
-                os.environ["XDG_CACHE_HOME"] = cache
-                t0 = time.perf_counter()
-                export_bundle(methods_dir / method, out / f"export-fm-{method}.onnx", fold="auto")
-                results[f"resnet18w16-{method}"] = time.perf_counter() - t0
+            results[f"resnet18w16-{method}"] = _timed_cli_export(methods_dir / method,
+                                                                 out / f"export-fm-{method}.onnx")
             print("export", method, round(results[f"resnet18w16-{method}"], 1), "s", flush=True)
     return results
 
@@ -278,7 +329,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--parts", default="fold,precision,export",
-                   help="any of fold,precision,translation,export")
+                   help="any of fold,fold-report,precision,translation,export")
     p.add_argument("--translation-dense", type=Path, default=Path("runs/bench-precision/tdense"))
     p.add_argument("--translation-lowrank", type=Path, default=Path("runs/bench-precision/tsvd"))
     args = p.parse_args()
@@ -291,9 +342,12 @@ def main() -> None:
             [float(r) for r in args.ratios.split(",")],
             [int(b) for b in args.batches.split(",")],
             args.seconds,
+            args.data_dir,
         )
     if "precision" in parts:
         result["precision"] = part_precision(args.methods_dir, args.data_dir, args.out, args.seconds)
+    if "fold-report" in parts:
+        result["fold_report"] = part_fold_report(args.out, [int(b) for b in args.batches.split(",")])
     if "translation" in parts:
         result["translation"] = part_translation(args.translation_dense, args.translation_lowrank,
                                                  args.data_dir, args.out, args.seconds)
