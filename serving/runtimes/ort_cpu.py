@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from .base import MeasuresMemory, resolve_threads
-from .ort_session import CPU_PROVIDER, ORT_DTYPES, make_session, one_line, rejected_input, session_io
+from .ort_session import (
+    CPU_PROVIDER,
+    ORT_DTYPES,
+    make_session,
+    one_line,
+    rejected_input,
+    session_io,
+    session_settings,
+)
 
 _ORT_DTYPES = ORT_DTYPES  # old private names, kept for importers
 _one_line = one_line
@@ -96,15 +104,7 @@ class OrtCpuRuntime(MeasuresMemory):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "backend": self.backend,
-            "device": self.device,
-            "providers": list(self.providers),
-            "threads": self.threads,
-            "inter_op_threads": 1,
-            "execution_mode": "sequential",
-            "graph_optimization": "all",
-            "version": self.version,
-            "path": str(self.path),
+            **session_settings(self),
             "input": {"name": self.input_name, "shape": self.input_shape, "type": self.input_type},
             **({"inputs": [i.describe() for i in self.io.inputs]} if len(self.io.inputs) > 1 else {}),
             "output": {"name": self.output_name, "shape": self.output_shape},

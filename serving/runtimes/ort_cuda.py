@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .base import DeviceOutput, MeasuresMemory, cuda_device_info, resolve_threads
-from .ort_session import CPU_PROVIDER, ORT_DTYPES, make_session, rejected_input, session_io
+from .ort_session import CPU_PROVIDER, ORT_DTYPES, make_session, rejected_input, session_io, session_settings
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -110,15 +110,7 @@ class OrtIoBindingRuntime(MeasuresMemory):
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "backend": self.backend,
-            "device": self.device,
-            "providers": list(self.providers),
-            "threads": self.threads,
-            "inter_op_threads": 1,
-            "execution_mode": "sequential",
-            "graph_optimization": "all",
-            "version": self.version,
-            "path": str(self.path),
+            **session_settings(self),
             "io_binding": True,
             "include_transfer": self.include_transfer,
             "transfers": "timed (host input and output bound)" if self.include_transfer

@@ -206,3 +206,19 @@ def rejected_input(path: Path, x: np.ndarray, expects: Any, exc: BaseException) 
     """A wrong shape/dtype for this graph is the user's input, not our bug: say which and what it expects."""
     return UserError(f"{path.name} rejected input {list(x.shape)} (expects {expects}): {one_line(exc)}",
                      hint="check the input shape and batch size")
+
+
+def session_settings(runtime: Any) -> dict[str, Any]:
+    """The ``describe()`` keys every ORT runtime shares: what ran, where, and with which session settings
+    (:func:`lrdeploy.host.session_options`: sequential, one inter-op thread, all graph optimisations)."""
+    return {
+        "backend": runtime.backend,
+        "device": runtime.device,
+        "providers": list(runtime.providers),
+        "threads": runtime.threads,
+        "inter_op_threads": 1,
+        "execution_mode": "sequential",
+        "graph_optimization": "all",
+        "version": runtime.version,
+        "path": str(runtime.path),
+    }
