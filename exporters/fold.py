@@ -188,9 +188,10 @@ def fold_with_report(
     if auto and example_input is not None:
         input_shapes = _capture_input_shapes(folded, layers, example_input)
 
-    cache = fold_cost.CostCache(fold_cost.cache_path(cache_dir)) if auto else None
+    cache = fold_cost.open_cache(cache_dir) if auto else None  # never raises: a broken cache only warns
     report = FoldReport(mode, backend, batch_size, n_threads, fold_cost.ort_version() if auto else None,
-                        fold_cost.cpu_model() if auto else None, str(cache.path) if cache else None)
+                        fold_cost.cpu_model() if auto else None,
+                        str(cache.path) if cache is not None and cache.path is not None else None)
     seen: dict[str, tuple[dict[str, Any], bool]] = {}
     decisions: dict[str, str] = {}
     for name, module in layers:

@@ -15,11 +15,14 @@ by linear interpolation.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
+import stat
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -147,13 +150,48 @@ def interpolate_break_even(rank: int, ref_rank: int, t_rank: float, t_ref: float
 
 
 # ----------------------------------------------------------------------------------------------- cache
+# The cache only saves time: whatever state it is in (missing, unreadable, corrupt, unwritable), an export
+# goes on, measures what it cannot trust, and says so in ONE stderr line naming the path and the problem.
+MAX_CACHE_BYTES = 16 << 20  # ~30k entries; anything bigger is not ours (and not worth reading into memory)
+_WARNED: set[str] = set()  # warning lines already printed by this process: one per problem, not per export
+
+
+class CacheLocationError(OSError):
+    """No usable default cache location (no absolute home directory and no absolute XDG_CACHE_HOME)."""
+
+
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lrdeploy"
+    """``$XDG_CACHE_HOME/lrdeploy``, else ``~/.cache/lrdeploy``.
+
+    A relative XDG_CACHE_HOME is ignored (the XDG spec says so), and an empty or relative HOME is refused
+    rather than scattering a ``.cache`` folder into whatever the current directory is.
+    """
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "lrdeploy"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError, OSError) as e:  # no HOME and no passwd entry
+        raise CacheLocationError(f"no home directory ({e})") from e
+    if not home.is_absolute():
+        raise CacheLocationError(f"HOME={str(home)!r} is not an absolute path and XDG_CACHE_HOME is not set")
+    return home / ".cache" / "lrdeploy"
 
 
 def cache_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir/fold-cost.json`` (default :func:`default_cache_dir`); raises CacheLocationError."""
     return Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
+
+
+def open_cache(cache_dir: str | os.PathLike | None = None) -> CostCache:
+    """The cost cache in ``cache_dir``; an in-memory one (nothing read, nothing saved) when there is no
+    usable location. Never raises for the cache's sake: see :class:`CostCache`."""
+    try:
+        return CostCache(cache_path(cache_dir))
+    except CacheLocationError as e:
+        cache = CostCache(None)
+        cache.problems.append(f"{e}; running without a cache")
+        return cache
 
 
 @lru_cache(maxsize=1)
@@ -176,43 +214,194 @@ def cache_key(shape_key: str, backend: str, batch_size: int, threads: int) -> st
     return f"{context_key(backend, batch_size, threads)}|{shape_key}"
 
 
+def valid_ms(value: Any) -> float | None:
+    """``value`` as milliseconds if it is a positive finite number (bools and huge ints are not), else None.
+
+    A 0 would divide by zero in the fold decision, a negative, NaN or inf time would decide it wrongly.
+    """
+    t = _finite(value)
+    return t if t is not None and t > 0 else None
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        t = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return t if math.isfinite(t) else None
+
+
+def _scalar(v: Any) -> bool:
+    """JSON scalar that writes back as strict JSON (no NaN/Infinity)."""
+    return v is None or isinstance(v, (str, bool, int)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _rank_key(rank: Any) -> bool:
+    """A canonical decimal rank ≥ 1 ("8", not "08", "+8", "٨" or 5000 digits)."""
+    return (isinstance(rank, str) and 0 < len(rank) <= 9 and rank.isascii() and rank.isdigit()
+            and rank[0] != "0")
+
+
+def clean_entry(entry: Any) -> dict[str, Any] | None:
+    """The entry re-built from its known keys if it fits the schema, else None (the layer is re-measured).
+
+    Schema: ``dense_ms`` a positive finite number; ``factored_ms`` a non-empty {"<rank ≥ 1>": ms} map;
+    optional ``measured_at`` (finite unix time ≥ 0) and ``shape`` (flat map, informational). Unknown keys
+    are dropped, so nothing unvalidated (or arbitrarily deep) is ever written back.
+    """
+    if not isinstance(entry, dict):
+        return None
+    dense = valid_ms(entry.get("dense_ms"))
+    factored = entry.get("factored_ms")
+    if dense is None or not isinstance(factored, dict) or not factored:
+        return None
+    times: dict[str, float] = {}
+    for rank, value in factored.items():
+        ms = valid_ms(value)
+        if ms is None or not _rank_key(rank):
+            return None
+        times[rank] = ms
+    out: dict[str, Any] = {"dense_ms": dense, "factored_ms": times}
+    if "measured_at" in entry:
+        at = _finite(entry["measured_at"])
+        if at is None or at < 0:
+            return None
+        out["measured_at"] = at
+    if "shape" in entry:
+        shape = entry["shape"]
+        if not isinstance(shape, dict) or not all(
+            isinstance(k, str) and (_scalar(v) or (isinstance(v, list) and all(map(_scalar, v))))
+            for k, v in shape.items()
+        ):
+            return None
+        out["shape"] = {k: list(v) if isinstance(v, list) else v for k, v in shape.items()}
+    return out
+
+
+def load_entries(path: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Valid entries of the cache file at ``path`` and what was wrong with it; never raises.
+
+    A missing file is no problem (first run). Everything else that is not a readable version-1 cache of
+    valid entries is reported, and only the valid entries are kept.
+    """
+    entries, problems, _ = _read(Path(path))
+    return entries, problems
+
+
+def _read(path: Path) -> tuple[dict[str, dict[str, Any]], list[str], bool]:
+    """:func:`load_entries` plus whether saving to ``path`` is worth trying (not when it cannot even be
+    read: another kind of file there, or a broken location such as a file where a folder belongs)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO (reading would block), a device
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            return {}, [f"it is {what}, so this run's timings are not saved"], False
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CACHE_BYTES + 1)
+    except FileNotFoundError:
+        return {}, [], True
+    except OSError as e:
+        return {}, [f"cannot read it ({_os_error(e, path)}), so this run's timings are not saved"], False
+    if len(raw) > MAX_CACHE_BYTES:
+        return {}, [f"larger than {MAX_CACHE_BYTES >> 20} MiB, ignored"], True
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return {}, ["not UTF-8 text, ignored"], True
+    except RecursionError:
+        return {}, ["JSON nested too deeply, ignored"], True
+    except ValueError as e:  # JSONDecodeError; also an integer literal too long to convert
+        return {}, [f"not valid JSON ({str(e)[:80]}), ignored"], True
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        return {}, ["not a fold-cost cache (no 'entries' map), ignored"], True
+    if data.get("version") != CACHE_VERSION:
+        return {}, [f"version {repr(data.get('version'))[:20]} is not {CACHE_VERSION}, ignored"], True
+    entries: dict[str, dict[str, Any]] = {}
+    bad = 0
+    for key, entry in data["entries"].items():
+        clean = clean_entry(entry) if isinstance(key, str) else None
+        if clean is None:
+            bad += 1
+        else:
+            entries[key] = clean
+    problems = [f"{bad} invalid entr{'y' if bad == 1 else 'ies'} dropped (re-measured)"] if bad else []
+    return entries, problems, True
+
+
+def _os_error(e: OSError, path: Path) -> str:
+    """``strerror`` plus the file it concerns when that is not the cache file itself."""
+    what = e.strerror or str(e) or type(e).__name__
+    name = e.filename
+    return f"{what}: {name}" if name is not None and str(name) != str(path) else what
+
+
 class CostCache:
-    """JSON file of measured milliseconds, written atomically.
+    """JSON file of measured milliseconds, written atomically; optional in every respect.
 
     ``entries[cache_key(shape.key(), ...)] = {"dense_ms": float, "factored_ms": {"<rank>": float, ...},
-    "measured_at": unix time}``; the factored times hold the layer's own rank and the reference rank.
+    "measured_at": unix time, "shape": {...}}``; the factored times hold the layer's own rank and the
+    reference rank. Entries are validated on read (:func:`clean_entry`): bad ones are dropped, never used and
+    never written back. A cache that cannot be read or saved only costs time: the problems are collected and
+    :meth:`save` prints them as one warning line. ``path`` None: in memory only (no usable location).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path is not None else None
         self.entries: dict[str, dict[str, Any]] = {}
-        self.dirty = False
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        ok = isinstance(data, dict) and data.get("version") == CACHE_VERSION
-        if ok and isinstance(data.get("entries"), dict):
-            self.entries = data["entries"]
+        self.problems: list[str] = []
+        self.savable = self.path is not None
+        if self.path is not None:
+            self.entries, self.problems, self.savable = _read(self.path)
+        # A readable file with problems is replaced by a clean copy on save.
+        self.dirty = bool(self.problems) and self.savable
 
     def get(self, key: str) -> dict[str, Any] | None:
-        entry = self.entries.get(key)
-        return entry if isinstance(entry, dict) else None
+        return self.entries.get(key)
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        self.entries[key] = entry
-        self.dirty = True
+        """Remember ``entry`` (kept only if valid: a bogus measurement is not worth saving)."""
+        clean = clean_entry(entry)
+        if clean is not None:
+            self.entries[key] = clean
+            self.dirty = True
 
     def save(self) -> None:
-        if not self.dirty:
+        """Write the entries (merged with what another process saved meanwhile; ours win), then print the
+        warning line if anything was wrong. Never raises: a cache that cannot be saved is skipped."""
+        try:
+            if self.dirty and self.savable and self.path is not None:
+                try:
+                    merged, _, _ = _read(self.path)  # its problems were reported when it was first read
+                    merged.update(self.entries)
+                    atomic.write_text(self.path, json.dumps({"version": CACHE_VERSION, "entries": merged},
+                                                            indent=1, sort_keys=True))
+                except Exception as e:  # whatever goes wrong, the export must not fail for its cache
+                    reason = _os_error(e, self.path) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+                    self.problems.append(f"cannot save it ({reason}), so this run's timings are not kept")
+                    self.savable = False
+                else:
+                    self.entries = merged
+                    self.dirty = False
+        finally:
+            self.warn()
+
+    def warning(self) -> str | None:
+        """The one warning line for this cache's problems (None: no problems)."""
+        if not self.problems:
+            return None
+        where = f" {self.path}" if self.path is not None else ""
+        return f"warning: fold-cost cache{where}: {'; '.join(self.problems)}"
+
+    def warn(self) -> None:
+        """Print :meth:`warning` on stderr, once per process for the same line."""
+        line = self.warning()
+        if line is None or line in _WARNED:
             return
-        # Merge with what another process may have written meanwhile; ours wins on conflicts.
-        merged = CostCache(self.path).entries
-        merged.update(self.entries)
-        atomic.write_text(self.path, json.dumps({"version": CACHE_VERSION, "entries": merged}, indent=1,
-                                                sort_keys=True))
-        self.entries = merged
-        self.dirty = False
+        _WARNED.add(line)
+        with contextlib.suppress(Exception):  # a closed or missing stderr must not fail the export either
+            print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------- measurement
@@ -287,4 +476,5 @@ def measure(shape: LayerShape, batch_size: int, threads: int, ranks: tuple[int, 
             sessions[i].run(None, feed)
             times[i].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
-    return {n: statistics.median(t) for n, t in zip(names, times, strict=True)}
+    # Floored at 1 ns: a coarse clock must not yield a 0 that the fold decision would divide by.
+    return {n: max(statistics.median(t), 1e-6) for n, t in zip(names, times, strict=True)}
