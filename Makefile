@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lrdeploy demo
+	$(VENV)/bin/lrdeploy demo --force  # runs/demo is the demo's own directory: each run replaces the last
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -40,9 +40,26 @@ def _ranks_table(manifest: dict[str, Any]) -> Table:
     return table
 
 
+def demo_entries() -> set[str]:
+    """Everything a demo run writes into its directory: a directory holding only these is replaceable."""
+    from lrdeploy.outputs import export_family
+    from lrdeploy.serving.report import REPORT_FILES
+
+    names = {"dense", "cuttlefish", *REPORT_FILES}
+    for stem in ("dense", "cuttlefish"):
+        names.update(export_family(Path(f"{stem}.onnx")))
+    return names
+
+
+def is_demo_dir(path: Path) -> bool:
+    entries = {p.name for p in path.iterdir()}
+    return bool(entries) and entries <= demo_entries()
+
+
 def run_demo(
     *,
     out: Path,
+    force: bool = False,
     data_dir: Path | None = None,
     epochs: int = 4,
     limit_train: int | None = None,
@@ -52,14 +69,42 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the whole pipeline into ``out`` and return the comparison report (also written to ``out`` as
-    report.json, report.md and plot.png)."""
+    report.json, report.md and plot.png).
+
+    The run is staged beside ``out`` and appears whole at the end; an earlier demo run there is replaced only
+    with ``force``.
+    """
+    from lrdeploy import atomic
+    from lrdeploy.outputs import Outputs
+
+    Outputs(force=force).directory(out, "--out", what="demo run", is_ours=is_demo_dir)
+    with atomic.Staging(Path(out).parent) as stage:
+        work = stage.path(Path(out).name)
+        work.mkdir()
+        report = _run_demo(work, stage.final, data_dir=data_dir, epochs=epochs, limit_train=limit_train,
+                           limit_test=limit_test, min_seconds=min_seconds, console=console or Console(),
+                           progress=progress)
+        atomic.rewrite_paths(stage)
+    return report
+
+
+def _run_demo(
+    out: Path,
+    shown: Any,
+    *,
+    data_dir: Path | None,
+    epochs: int,
+    limit_train: int | None,
+    limit_test: int | None,
+    min_seconds: float,
+    console: Console,
+    progress: bool,
+) -> dict[str, Any]:
     from lrdeploy.bundle import read_manifest
     from lrdeploy.comparison import compare_artifacts
     from lrdeploy.serving.report import render_compare_table
     from lrdeploy.workflows import TrainRequest, export_bundle, train_bundle
 
-    console = console or Console()
-    out = Path(out)
     dense_dir, lowrank_dir = out / "dense", out / "cuttlefish"
     dense_onnx, lowrank_onnx = out / "dense.onnx", out / "cuttlefish.onnx"
     report_path = out / "report.json"
@@ -93,7 +138,7 @@ def run_demo(
         result, fold = export_bundle(bundle_dir, onnx_path, fold="auto")
         summary = fold.to_dict().get("summary", {})
         console.print(
-            f"{onnx_path}: {result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e}; "
+            f"{shown(onnx_path)}: {result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e}; "
             f"fold: {summary.get('factored', 0)} factored, {summary.get('dense', 0)} re-multiplied"
         )
 
@@ -111,8 +156,8 @@ def run_demo(
     )
     console.print(render_compare_table(report))
     console.print(
-        f"\nartefacts: bundles [bold]{dense_dir}[/], [bold]{lowrank_dir}[/]; ONNX [bold]{dense_onnx}[/], "
-        f"[bold]{lowrank_onnx}[/] (+ .ort.onnx optimised copies); report [bold]{report_path}[/] with "
-        f"[bold]{out / 'report.md'}[/] and [bold]{out / 'plot.png'}[/]"
+        f"\nartefacts: bundles [bold]{shown(dense_dir)}[/], [bold]{shown(lowrank_dir)}[/]; ONNX "
+        f"[bold]{shown(dense_onnx)}[/], [bold]{shown(lowrank_onnx)}[/]; report [bold]{shown(report_path)}[/] "
+        f"with [bold]{shown(out / 'report.md')}[/] and [bold]{shown(out / 'plot.png')}[/]"
     )
     return report
