@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from lrdeploy.cli_checks import DAY_S, check_batch_fits, check_finite
 from lrdeploy.errors import UserError
 
 SCHEMA = "lrdeploy.bench/1"
@@ -225,6 +226,7 @@ def run_bench(
     seed: int = 0,
     json_path: Path | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Everything `lrdeploy bench` does except printing: returns the report dict (and writes it if asked)."""
     from lrdeploy import __version__
@@ -235,16 +237,24 @@ def run_bench(
     if not models:
         raise UserError("no model given", "lrdeploy bench REFERENCE.onnx [CANDIDATE.onnx ...]")
     batch_sizes = list(batch_sizes)
+    for flag, value, example in (("--seconds", seconds, "1"), ("--max-seconds", max_seconds, "10"),
+                                 ("--warmup", warmup, "0.5"), ("--time-limit", time_limit, "60")):
+        check_finite(flag, value, minimum=0.0, maximum=DAY_S, example=example)  # inf: a hang; < 0: a no-op
+    if max_seconds is not None and max_seconds < seconds:
+        raise UserError(f"--max-seconds {max_seconds:g} is below --seconds {seconds:g}",
+                        "raise --max-seconds or lower --seconds")
     labels = _labels([Path(m) for m in models], names)
     parsed = parse_gates(gates)  # malformed gates fail here, before anything is loaded or timed
     validate_gates(parsed, labels, batch_sizes)
     onnx_runtime_kind(runtime)
-    if json_path is not None and Path(json_path).is_dir():
-        raise UserError(f"--json {json_path} is a directory", "give a file path, e.g. --json bench.json")
+    from lrdeploy.outputs import Outputs
+
+    Outputs(force=force, inputs=models).file(json_path, "--json")
 
     with tempfile.TemporaryDirectory(prefix="lrdeploy-bench-") as tmp:
         resolved = [resolve_model(label, Path(p), Path(tmp)) for label, p in zip(labels, models, strict=True)]
         shape = sample_shape(resolved, input_shape)
+        check_batch_fits(shape, batch_sizes, "--batch")  # before the input batch is allocated
         runtimes, transfer = load_runtimes(resolved, runtime, threads, include_transfer)
         result = benchmark(
             runtimes, shape, batch_sizes, warmup_s=warmup, min_runs=min_runs, min_seconds=seconds,
@@ -399,7 +409,8 @@ def bench(
     profile: bool = typer.Option(False, "--profile", help="Add a per-node/op-type time breakdown (ORT)."),
     profile_runs: int = typer.Option(10, "--profile-runs", min=1, help="Profiled calls per batch size."),
     samples: bool = typer.Option(False, "--samples", help="Include every timed call's duration in the JSON."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random input batch."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the random input batch (numpy: >= 0)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
 ) -> None:
     """Time models interleaved over a batch sweep until stable; paired speed-ups vs the first; CI gates."""
     report = run_bench(
@@ -408,7 +419,7 @@ def bench(
         windows=windows, time_limit=time_limit, max_rounds=max_rounds, gates=gate or [], names=names,
         input_shape=input_shape, include_transfer=include_transfer, profile=profile,
         profile_runs=profile_runs, samples=samples, seed=seed, json_path=json_path,
-        progress=err_console.is_terminal,
+        progress=err_console.is_terminal, force=force,
     )
     print_report(report, console, err_console)
     if json_path is not None:

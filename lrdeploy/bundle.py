@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +23,13 @@ from torch import nn
 
 from lrdeploy import __version__, atomic
 from lrdeploy.errors import UserError
+from lrdeploy.manifest_schema import (
+    BUNDLE_HINT,
+    DIGEST_KEY,
+    manifest_digest,
+    read_json_file,
+    validate_manifest,
+)
 
 FORMAT = "lrdeploy-bundle"
 FORMAT_VERSION = 1
@@ -34,7 +40,7 @@ _BUNDLE_HINT = "pass a directory written by lrdeploy train/compress"
 _CORRUPT_HINT = "the bundle is corrupt; re-create it"
 _RESERVED = frozenset({
     "format", "format_version", "lrdeploy_version", "created", "model", "structure", "method", "dataset",
-    "metrics", "params", "flops", "weights_sha256", "weights_bytes",
+    "metrics", "params", "flops", "weights_sha256", "weights_bytes", "manifest_sha256",
 })
 
 
@@ -75,32 +81,23 @@ def _is_bundle(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def check_output_dir(out_dir: str | os.PathLike) -> None:
+def check_output_dir(out_dir: str | os.PathLike, *, force: bool = False,
+                     inputs: tuple[str | os.PathLike | None, ...] = ()) -> None:
     """Fail before any work if ``out_dir`` could not take a bundle (call it before training/compressing)."""
-    _check_destination(Path(out_dir))
+    _check_destination(Path(out_dir), force=force, inputs=inputs)
 
 
-def _check_destination(out_dir: Path) -> None:
-    """Refuse to replace anything that is not one of our bundles: never clobber the user's files."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if not out_dir.is_dir() or out_dir.is_symlink():
-        raise UserError(f"{out_dir} exists and is not a directory", "choose another --out path")
-    entries = sorted(p.name for p in out_dir.iterdir())
-    if not entries:
-        return
-    if not _is_bundle(out_dir):
-        raise UserError(
-            f"{out_dir} is not empty and is not an lrdeploy bundle ({', '.join(entries[:3])}"
-            f"{', ...' if len(entries) > 3 else ''})",
-            "choose a new or empty --out directory; lrdeploy only replaces its own bundles",
-        )
-    foreign = [e for e in entries if e not in BUNDLE_FILES]
-    if foreign:
-        raise UserError(
-            f"bundle {out_dir} also holds files lrdeploy did not write ({', '.join(foreign[:3])})",
-            "move them elsewhere or choose another --out directory",
-        )
+def _check_destination(out_dir: Path, *, force: bool = False,
+                       inputs: tuple[str | os.PathLike | None, ...] = ()) -> None:
+    """An existing bundle is replaced only with ``force``; anything else that is not empty, never."""
+    from lrdeploy.outputs import Outputs
+
+    Outputs(force=force, inputs=inputs).directory(out_dir, "--out", what="bundle", is_ours=_replaceable)
+
+
+def _replaceable(path: Path) -> bool:
+    """Our bundle, holding nothing lrdeploy did not write (replacing it loses nothing of the user's)."""
+    return _is_bundle(path) and all(p.name in BUNDLE_FILES for p in path.iterdir())
 
 
 def save_bundle(
@@ -114,8 +111,11 @@ def save_bundle(
     metrics: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
     input_shape: tuple[int, ...] | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write ``model`` as a bundle at ``out_dir`` (replacing an existing bundle atomically); return the path.
+    """Write ``model`` as a bundle at ``out_dir``; return the path.
+
+    An existing bundle there is replaced (atomically, crash-safe) only with ``force``.
 
     ``input_shape`` (one sample, no batch) defaults to the registry's shape for ``model_name``.
     """
@@ -124,7 +124,7 @@ def save_bundle(
     from lrdeploy.models import get_spec
 
     out_dir = Path(out_dir)
-    _check_destination(out_dir)
+    _check_destination(out_dir, force=force)
     if extra and (clash := sorted(set(extra) & _RESERVED)):
         raise ValueError(f"extra manifest keys {clash} would overwrite the bundle's own fields")
     if input_shape is None:
@@ -152,20 +152,21 @@ def save_bundle(
         "weights_bytes": len(weights),
         **(extra or {}),
     }
-    text = json.dumps(manifest, indent=2) + "\n"  # before any write: unserialisable → no debris
+    # Before any write: unserialisable → no debris; a manifest this lrdeploy could not read back → refused.
+    manifest = json.loads(json.dumps(manifest))
+    validate_manifest(manifest, f"manifest of bundle {out_dir}",
+                      hint="lrdeploy could not load this bundle back; check the model arguments and metadata")
+    manifest[DIGEST_KEY] = manifest_digest(manifest)  # the manifest is covered by a hash, like the weights
+    text = json.dumps(manifest, indent=2) + "\n"
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir (not mkdtemp) so the bundle gets the user's umask permissions rather than 0700; the
-    # directory is the atomic unit, so the files inside need no rename dance of their own.
-    tmp = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:12]}.tmp"
-    os.mkdir(tmp)
-    try:
+    # The directory is staged beside its destination and installed by a journalled rename, so a crash leaves
+    # the old bundle or the new one; os.mkdir gives the user's umask permissions (not mkdtemp's 0700).
+    with atomic.Staging(out_dir.parent) as stage:
+        tmp = stage.path(out_dir.name)
+        os.mkdir(tmp)
         _write_synced(tmp / WEIGHTS, weights)
         _write_synced(tmp / MANIFEST, text.encode("utf-8"))
-        _check_destination(out_dir)  # again: something may have appeared while we were writing
-        atomic.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _check_destination(out_dir, force=force)  # again: something may have appeared while we were writing
     return out_dir
 
 
@@ -181,27 +182,23 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise UserError(f"{path} is not an lrdeploy bundle (no {MANIFEST})", _BUNDLE_HINT)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{manifest_path} is not valid JSON ({exc})", _CORRUPT_HINT) from exc
+    manifest = read_json_file(manifest_path, _CORRUPT_HINT)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path} is not an lrdeploy bundle manifest", _BUNDLE_HINT)
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise UserError(
             f"bundle {path} has format version {version!r}; this lrdeploy reads up to {FORMAT_VERSION}",
             "upgrade lrdeploy",
         )
-    model = manifest.get("model")
-    if (
-        not isinstance(model, dict) or not isinstance(model.get("name"), str)
-        or not isinstance(model.get("args", {}), dict) or not isinstance(model.get("input_shape"), list)
-        or not isinstance(manifest.get("structure", {}), dict)
-        or not isinstance(manifest.get("weights_sha256"), str)
-    ):
+    # Every value first (a precise message for the edit that broke something), then the digest (an edit
+    # that left the manifest well-formed). Bundles written before the digest existed are only validated.
+    validate_manifest(manifest, str(manifest_path))
+    digest = manifest.get(DIGEST_KEY)
+    if digest is not None and digest != manifest_digest(manifest):
         raise UserError(
-            f"{manifest_path} lacks model name/args/input_shape, structure or weights_sha256", _CORRUPT_HINT
+            f"{manifest_path} was tampered or hand-edited: its checksum ({DIGEST_KEY}) does not match its "
+            "contents", "re-create the bundle with lrdeploy train/compress/init; never edit manifest.json",
         )
     return manifest
 
@@ -210,9 +207,6 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     """Load and verify a bundle; the model is rebuilt from the registry and returned in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load
-
-    from lrdeploy.layers.structure import apply
-    from lrdeploy.models import create_model
 
     path = Path(path)
     if path.is_file() and path.name == MANIFEST:
@@ -234,8 +228,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise UserError(f"{weights_path} is not a readable safetensors file ({exc})", "re-export it") from exc
 
     spec = manifest["model"]
-    model = create_model(spec["name"], **spec.get("args", {}))
-    model = apply(model, manifest.get("structure", {}))
+    model = _build_model(spec, manifest.get("structure", {}), state, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -247,6 +240,49 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         ) from exc
     model.eval()
     return Bundle(path=path, manifest=manifest, model=model)
+
+
+def _build_model(spec: dict[str, Any], structure: dict[str, Any], state: Mapping[str, torch.Tensor],
+                 path: Path) -> nn.Module:
+    """Rebuild the recorded architecture, first on the meta device (no memory) to prove it fits the weights.
+
+    The manifest's values are validated, but a size argument can be in range and still wrong (``width`` of
+    a ResNet): the dry build turns that into a one-line error instead of an allocation of terabytes.
+    """
+    from lrdeploy.layers.structure import apply
+    from lrdeploy.models import create_model
+
+    def build() -> nn.Module:
+        return apply(create_model(spec["name"], **spec.get("args", {})), structure)
+
+    try:
+        with torch.device("meta"):
+            probe: nn.Module | None = build()
+    except UserError:
+        raise
+    except Exception:  # a builder that cannot run on the meta device: the real build below reports
+        probe = None
+    if probe is not None:
+        want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in state.items()}
+        if want != have:
+            missing, unexpected = [k for k in want if k not in have], [k for k in have if k not in want]
+            wrong = [f"{k} {have[k]} vs {v}" for k, v in want.items() if k in have and have[k] != v]
+            problems = [f"{label} {_few(names)}" for label, names in
+                        (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+            raise UserError(
+                f"weights in {path} do not fit model {spec['name']!r} with the recorded structure: "
+                f"{'; '.join(problems)[:300]}",
+                "the manifest and weights disagree; re-export the bundle",
+            )
+    try:
+        return build()
+    except UserError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"model {spec['name']!r} cannot be built from the arguments in {path / MANIFEST} "
+                        f"({type(exc).__name__}: {first})", BUNDLE_HINT) from None
 
 
 # --- plain PyTorch checkpoints (`lrdeploy init --from-checkpoint`) ---
@@ -288,9 +324,13 @@ def load_state_dict_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.
     """Load a user's plain PyTorch checkpoint into ``model`` (in place) and return the model.
 
     Uses ``torch.load(weights_only=True)`` so a malicious pickle cannot run code; ``.safetensors`` also works.
-    Every key and shape must match: a partial load would silently ship random weights.
+    Every key and shape must match: a partial load would silently ship random weights. Every tensor must be
+    dense, hold data and, where the model has floats, be a finite real float (:func:`_check_tensor_values`):
+    NaN weights would otherwise become a bundle that exports, benchmarks and "passes" as garbage.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory", "pass the path of a saved state dict file (.pt)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist", "pass the path of a saved state dict (.pt)")
     try:
@@ -303,7 +343,7 @@ def load_state_dict_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.
     except Exception as exc:  # unpickling errors come in many types; all mean "not a loadable checkpoint"
         raise UserError(
             f"{path} could not be read as a PyTorch checkpoint with weights_only=True "
-            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})",
+            f"({type(exc).__name__}: {_load_error_detail(exc)})",
             "save a plain state dict: torch.save(model.state_dict(), path)",
         ) from exc
     state = _unwrap(obj, path)
@@ -326,5 +366,63 @@ def load_state_dict_checkpoint(path: str | os.PathLike, model: nn.Module) -> nn.
             f"checkpoint {path} does not match the model: {'; '.join(problems)}",
             "the checkpoint must come from the same (dense) architecture and constructor arguments",
         )
+    for key, reference in expected.items():  # model order: the first offending key is the one named
+        _check_tensor_values(path, key, state[key], reference)
     model.load_state_dict(state, strict=True)
     return model
+
+
+_BLOCKED_GLOBAL = re.compile(  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module ..."
+    r"unsupported\s+(?:global:\s*)?GLOBAL\s+[\w.]+(?:\s+whose module [\w.]+ is blocked)?", re.IGNORECASE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _load_error_detail(exc: BaseException, limit: int = 200) -> str:
+    """One line saying why ``torch.load`` refused the file.
+
+    The weights-only unpickler's message opens with three lines of advice (PyTorch 2.6's default change,
+    "Re-running with weights_only=False ...") and names what it blocked only later ("Unsupported global:
+    GLOBAL os.system ..."); the first line cut at 200 characters never said what was blocked, so that part
+    is kept whole when present.
+    """
+    text = _ANSI.sub("", str(exc)).strip()
+    blocked = _BLOCKED_GLOBAL.search(text)
+    if blocked:
+        return f"the weights-only unpickler blocked it: {blocked.group(0)}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first[:limit]
+
+
+def _check_tensor_values(path: Path, key: str, value: torch.Tensor, reference: torch.Tensor) -> None:
+    """UserError naming ``key`` if ``value`` cannot stand in for the model's ``reference`` tensor.
+
+    Sparse and meta tensors carry no dense data to load (a meta tensor has none at all; ``load_state_dict``
+    would copy garbage or fail deep inside torch). Where the model holds floats, a complex tensor would lose
+    its imaginary part and an integer/bool one would be a different quantity, silently cast; a NaN/Inf
+    weight makes every output NaN.
+    """
+    where = f"checkpoint {path}: tensor {key!r}"
+    if value.is_meta or value.device.type == "meta":
+        raise UserError(f"{where} is a meta tensor (shape only, no data)",
+                        "save the state dict of a model whose weights were materialised")
+    if value.layout != torch.strided:
+        raise UserError(f"{where} is a sparse tensor (layout {str(value.layout).removeprefix('torch.')})",
+                        "save dense weights: call .to_dense() on each tensor before torch.save")
+    if not reference.is_floating_point():
+        return
+    dtype = str(value.dtype).removeprefix("torch.")
+    want = str(reference.dtype).removeprefix("torch.")
+    if value.is_complex():
+        raise UserError(f"{where} is complex ({dtype}) where the model has real {want} weights",
+                        "save the real-valued state dict of the same architecture")
+    if not value.is_floating_point():
+        raise UserError(f"{where} is {dtype} where the model has floating-point {want} weights",
+                        "save the model's own state dict: torch.save(model.state_dict(), path)")
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(value).sum())
+        inf = int(value.numel() - int(finite.sum()) - nan)
+        from lrdeploy.parity_stats import describe_nonfinite
+
+        raise UserError(f"{where} contains {describe_nonfinite(nan, inf)} (of {value.numel()})",
+                        "the checkpoint is broken (a diverged training run?): use an earlier one")

@@ -13,9 +13,11 @@ import typer
 from rich.console import Console
 
 from lrdeploy import bench_cmd
+from lrdeploy.cli_checks import DAY_S, OneLineUsageGroup, check_arguments
 from lrdeploy.errors import UserError
 
 app = typer.Typer(
+    cls=OneLineUsageGroup,  # Click's usage errors as one line, like every other error
     name="lrdeploy",
     help="Train or load low-rank networks, fold them into ONNX, and prove the speed-up and parity.",
     no_args_is_help=True,
@@ -33,8 +35,12 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lrdeploy.data.datasets import downloads_allowed
+
         try:
-            return fn(*args, **kwargs)
+            check_arguments(kwargs)  # NaN/inf, >64-bit integers, a --data-dir that is a file: before any work
+            with downloads_allowed(bool(kwargs.get("download"))):  # --download, for the whole command
+                return fn(*args, **kwargs)
         except UserError as e:
             err_console.print("[bold red]error:[/] ", end="", soft_wrap=True)
             err_console.print(e.one_line(), markup=False, soft_wrap=True, highlight=False)
@@ -47,6 +53,18 @@ DataDir = typer.Option(
     None,
     "--data-dir",
     help="Directory holding the dataset files (else $LRDEPLOY_DATA, the cache, or shipped MNIST).",
+)
+Download = typer.Option(  # read by user_errors, which allows downloads for the command's duration
+    False,
+    "--download",
+    help="Fetch missing dataset files (checksum-verified) into --data-dir or the cache; without it, "
+    "nothing is ever downloaded.",
+)
+
+
+Force = typer.Option(
+    False, "--force", help="Replace outputs that already exist (never an input; a directory only if lrdeploy "
+    "wrote it).",
 )
 
 
@@ -105,6 +123,7 @@ def train(
         "mnist", "--data", help="Dataset: mnist, fashion-mnist, cifar10; multi30k (with --model transformer)."
     ),
     data_dir: Path | None = DataDir,
+    download: bool = Download,
     method: str = typer.Option("dense", "--method", help="dense, cuttlefish or maestro."),
     method_opt: list[str] | None = typer.Option(
         None, "--method-opt", help="A method setting as key=value (repeatable), e.g. window=3."
@@ -115,10 +134,10 @@ def train(
     epochs: int = typer.Option(2, "--epochs", min=1),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     lr: float | None = typer.Option(
-        None, "--lr", min=0.0, help="Peak learning rate (default 0.05; translation: 1e-3, AdamW)."
+        None, "--lr", help="Peak learning rate (default 0.05; translation: 1e-3, AdamW)."
     ),
     weight_decay: float | None = typer.Option(
-        None, "--weight-decay", min=0.0, help="Weight decay (default 5e-4; translation: 0.01)."
+        None, "--weight-decay", help="Weight decay (default 5e-4; translation: 0.01)."
     ),
     schedule: str | None = typer.Option(
         None, "--schedule", help="cosine (default) or step; translation: inverse_sqrt (default) or cosine."
@@ -134,9 +153,15 @@ def train(
     out: Path | None = typer.Option(
         None, "--out", help="Bundle directory (default runs/<model>-<data>-<method>)."
     ),
+    force: bool = Force,
 ) -> None:
     """Train a model (dense, or low-rank with Cuttlefish or Maestro) and write a bundle."""
+    from lrdeploy.cli_checks import check_finite, check_model_fits
     from lrdeploy.workflows import TrainRequest, train_bundle
+
+    check_finite("--lr", lr, minimum=0.0, strict=True, example="0.05")
+    check_finite("--weight-decay", weight_decay, minimum=0.0, example="5e-4")
+    check_model_fits(model, parse_settings(model_arg, "--model-arg"), "--model-arg")  # e.g. width=10**9
 
     out = out or Path("runs") / f"{model}-{data}-{method}"
     metrics = train_bundle(
@@ -157,6 +182,7 @@ def train(
             limit_test=limit_test,
             seed=seed,
             out=out,
+            force=force,
         )
     )
     if "test_perplexity" in metrics:  # translation
@@ -180,11 +206,15 @@ def init(
         None, "--from-checkpoint", help="A plain PyTorch state dict (.pt), loaded with weights_only=True."
     ),
     out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
+    force: bool = Force,
 ) -> None:
     """Make a bundle from a registry model at its initial weights or from a dense checkpoint ("load" path)."""
     from lrdeploy import workflows
+    from lrdeploy.cli_checks import check_model_fits
 
-    workflows.init_bundle(model_name=model, num_classes=num_classes, checkpoint=from_checkpoint, out=out)
+    check_model_fits(model, {"num_classes": num_classes} if num_classes else {}, "--num-classes")
+    workflows.init_bundle(model_name=model, num_classes=num_classes, checkpoint=from_checkpoint, out=out,
+                          force=force)
     console.print(f"bundle written to [bold]{out}[/]")
 
 
@@ -201,14 +231,19 @@ def compress(
         None, "--data", help="Dataset for fine-tuning/eval (default: the bundle's)."
     ),
     data_dir: Path | None = DataDir,
+    download: bool = Download,
     limit_train: int | None = typer.Option(None, "--limit-train", min=1),
-    lr: float | None = typer.Option(None, "--lr", min=0.0,
+    lr: float | None = typer.Option(None, "--lr",
                              help="Fine-tuning learning rate (default 0.01; translation: 3e-4, AdamW)."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", help="Low-rank bundle directory to write."),
+    force: bool = Force,
 ) -> None:
     """Compress a bundle by truncated SVD (rank ratio or energy), optionally fine-tune, write a new bundle."""
     from lrdeploy import workflows
+    from lrdeploy.cli_checks import check_finite
+
+    check_finite("--lr", lr, minimum=0.0, strict=True, example="0.01")
 
     result = workflows.compress_bundle(
         bundle,
@@ -221,6 +256,7 @@ def compress(
         lr=lr,
         seed=seed,
         out=out,
+        force=force,
     )
     console.print(result["table"])
     console.print(f"low-rank bundle written to [bold]{out}[/]")
@@ -233,7 +269,7 @@ def export(
     out: Path = typer.Option(
         ..., "--out", help="ONNX file to write (the ORT-optimised copy goes beside it)."
     ),
-    opset: int = typer.Option(20, "--opset", min=13),
+    opset: int = typer.Option(20, "--opset", help="ONNX opset (checked against the installed exporter)."),
     optimize: str = typer.Option(
         "all",
         "--optimize",
@@ -254,6 +290,7 @@ def export(
         help="Maestro bundles: keep the most important components, this share of factors.",
     ),
     data_dir: Path | None = DataDir,
+    download: bool = Download,
     trt: bool = typer.Option(
         False, "--trt", help="Also build a TensorRT engine (<stem>.plan) from the ONNX file."
     ),
@@ -270,18 +307,63 @@ def export(
         False, "--sparse-weights", help="Enable 2:4 sparse tactics (TensorRT)."
     ),
     timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file."),
+    calib_data: str | None = typer.Option(
+        None, "--calib-data", help="Dataset to calibrate int8 on and judge variants with (default: the "
+        "bundle's; needed for bundles from `lrdeploy init`)."),
+    force: bool = Force,
 ) -> None:
-    """Fold a bundle and export it to ONNX (checked, parity-verified, manifest in metadata); --trt too."""
-    from lrdeploy.workflows import export_bundle
+    """Fold a bundle and export it to ONNX (checked, parity-verified, manifest in metadata); --trt too.
+
+    The whole family (model, optimised copy, fold report, precision variant, engine) is written to a staging
+    directory and appears at once; an existing family is replaced only with --force.
+    """
+    from lrdeploy import atomic
+    from lrdeploy.outputs import Outputs, export_family
 
     if optimize not in ("none", "basic", "all"):
         raise UserError(f"--optimize {optimize!r} is not known", "use none, basic or all")
     if precision not in ("fp32", "fp16", "bf16", "int8"):
         raise UserError(f"--precision {precision!r} is not known", "use fp32, fp16, bf16 or int8")
-    if trt:  # fail before the work when TensorRT or a GPU is missing
-        from lrdeploy.exporters.tensorrt import import_tensorrt
+    from lrdeploy.cli_checks import check_opset
 
+    check_opset(opset)  # before any work: an unsupported opset used to export 18 and record the request
+    if Path(out).suffix != ".onnx":
+        raise UserError(f"--out {out} must end in .onnx", "e.g. --out model.onnx")
+    family = export_family(Path(out))
+    Outputs(force=force, inputs=[bundle]).family(out, "--out", family)
+    from lrdeploy.cli_checks import check_artifact_batch_fits
+
+    check_artifact_batch_fits(bundle, [fold_batch], "--fold-batch")
+    if trt:  # fail before the work when the batch range is wrong, TensorRT or a GPU is missing
+        from lrdeploy.exporters.tensorrt import batch_range, import_tensorrt
+
+        batch_range(min_batch, opt_batch, max_batch)
         import_tensorrt()
+    failed = False
+    with atomic.Staging(Path(out).parent, replaces=family) as stage:
+        staged = stage.path(Path(out).name)
+        failed = _export_family(bundle, staged, stage.final, opset=opset, optimize=optimize, fold=fold,
+                                fold_batch=fold_batch, threads=threads, rank_budget=rank_budget,
+                                data_dir=data_dir, trt=trt, precision=precision, min_batch=min_batch,
+                                opt_batch=opt_batch, max_batch=max_batch, sparse_weights=sparse_weights,
+                                timing_cache=timing_cache, calib_data=calib_data)
+        atomic.rewrite_paths(stage)
+    console.print(f"wrote {', '.join(n for n in family if (Path(out).parent / n).exists())} "
+                  f"in {Path(out).parent}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _export_family(bundle: Path, out: Path, shown: Any, *, opset: int, optimize: str, fold: str,
+                   fold_batch: int, threads: int | None, rank_budget: float | None, data_dir: Path | None,
+                   trt: bool, precision: str, min_batch: int, opt_batch: int | None, max_batch: int | None,
+                   sparse_weights: bool, timing_cache: Path | None, calib_data: str | None) -> bool:
+    """Every file of an export written at ``out`` (a staged path; ``shown`` maps it to where it will appear).
+
+    Returns True when a precision variant missed its preset (the family is still written, exit 1).
+    """
+    from lrdeploy.workflows import export_bundle
+
     result, report = export_bundle(
         bundle,
         out,
@@ -302,33 +384,34 @@ def export(
     if fold == "auto":
         report.render(console)
     console.print(
-        f"exported [bold]{result.path}[/] ({result.exporter} exporter, opset {result.opset}, "
+        f"exported [bold]{shown(result.path)}[/] ({result.exporter} exporter, opset {result.opset}"
+        + (f" (asked {opset}: the exporter could not convert)" if result.opset != opset else "") + ", "
         f"{result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e}); fold report "
-        f"{Path(out).with_suffix('.fold.json')}"
-        + (f"; optimised copy ({optimize}): {optimized.dst}" if optimized is not None else "")
+        f"{shown(out.with_suffix('.fold.json'))}"
+        + (f"; optimised copy ({optimize}): {shown(optimized.dst)}" if optimized is not None else "")
     )
     if optimized is not None:
         for step in optimized.steps:
             console.print(f"  {step.name}: {step.outcome}, {step.nodes_before} → {step.nodes_after} nodes"
                           + (f" ({step.reason})" if step.reason else ""))
+    failed = False
     if precision in ("fp16", "bf16", "int8"):
         from lrdeploy.workflows import export_precision_variant
 
-        variant = export_precision_variant(bundle, out, precision, data_dir=data_dir)
-        _print_variant(variant)
-        if variant.passed is False and not trt:  # None: could not be judged here (bf16 on CPU), said above
-            raise typer.Exit(code=1)
+        variant = export_precision_variant(bundle, out, precision, data_dir=data_dir, dataset=calib_data)
+        _print_variant(variant, shown)
+        failed = variant.passed is False and not trt  # None: not judged here (bf16 on CPU), said above
     if trt:
         from lrdeploy.exporters.tensorrt import build_engine
 
-        source = Path(out)
+        source = out
         if precision == "int8":  # TensorRT's own int8 graph, judged on ORT CPU before the GPU build
-            qdq = _trt_int8_graph(bundle, Path(out), data_dir)
-            _print_variant(qdq)
+            qdq = _trt_int8_graph(bundle, out, data_dir, calib_data)
+            _print_variant(qdq, shown)
             source = qdq.dst
         built = build_engine(
             source,
-            Path(out).with_suffix(".plan"),
+            out.with_suffix(".plan"),
             min_batch=min_batch,
             opt_batch=opt_batch,
             max_batch=max_batch,
@@ -336,12 +419,14 @@ def export(
             sparse_weights=sparse_weights,
             timing_cache=timing_cache,
         )
-        console.print(f"TensorRT engine [bold]{built.engine_path}[/] (sidecar {built.sidecar_path})")
+        console.print(f"TensorRT engine [bold]{shown(built.engine_path)}[/] (sidecar "
+                      f"{shown(built.sidecar_path)})")
         for note in built.notes:
             console.print(f"note: {note}")
+    return failed
 
 
-def _print_variant(variant: Any) -> None:
+def _print_variant(variant: Any, shown: Any = lambda p: p) -> None:
     """One line per precision variant: file, method, parity, accuracy delta, verdict (or why none)."""
     from rich.markup import escape
 
@@ -352,23 +437,29 @@ def _print_variant(variant: Any) -> None:
         verdict = "PASS" if variant.passed else "FAIL: " + escape("; ".join(variant.failures))
         if variant.judged_by != "onnxruntime-cpu":
             verdict += f" (onnx.reference on {variant.compared_examples} examples: ORT CPU cannot run it)"
+    from lrdeploy.exporters.precision import describe_speed
+
+    speed = describe_speed(getattr(variant, "speed_vs_fp32", None), getattr(variant, "timing", None))
+    if speed:  # informs, never fails: a variant slower than fp32 here may still be the one a GPU wants
+        verdict += " — " + (f"[bold yellow]{speed}[/]" if "SLOWER" in speed else speed)
     console.print(
-        f"{variant.precision} variant [bold]{variant.dst}[/] ({variant.method}): "
+        f"{variant.precision} variant [bold]{shown(variant.dst)}[/] ({variant.method}): "
         f"rel-L2 {variant.parity.get('rel_l2', float('nan')):.1e}, accuracy delta "
         f"{100 * acc.get('delta', float('nan')):+.2f} points — {verdict}"
     )
 
 
-def _trt_int8_graph(bundle: Path, onnx_path: Path, data_dir: Path | None) -> Any:
+def _trt_int8_graph(bundle: Path, onnx_path: Path, data_dir: Path | None, calib_data: str | None) -> Any:
     """``<stem>.int8.trt.onnx``: symmetric Q/DQ for TensorRT, calibrated on the bundle's training data and
     judged on its test data like the CPU int8 variant; a miss is a UserError (nothing is built)."""
     from lrdeploy.bundle import read_manifest
     from lrdeploy.data import load_dataset
     from lrdeploy.exporters.tensorrt import prepare_int8_graph
 
-    ds_name = (read_manifest(bundle).get("dataset") or {}).get("name")
+    ds_name = calib_data or (read_manifest(bundle).get("dataset") or {}).get("name")
     if not ds_name:
-        raise UserError(f"bundle {bundle} records no dataset to calibrate int8 on", "use --precision fp16")
+        raise UserError(f"bundle {bundle} records no dataset to calibrate int8 on",
+                        "name one with --calib-data (e.g. --calib-data mnist), or use --precision fp16")
     calibration = load_dataset(ds_name, "train", data_dir=data_dir, limit=256).x.numpy()
     test = load_dataset(ds_name, "test", data_dir=data_dir, limit=1000)
     return prepare_int8_graph(onnx_path, onnx_path.with_suffix(".int8.trt.onnx"), calibration,
@@ -378,7 +469,11 @@ def _trt_int8_graph(bundle: Path, onnx_path: Path, data_dir: Path | None) -> Any
 Precision = typer.Option(
     None,
     "--precision",
-    help="Judge output parity with this preset: fp32, fp16, bf16 or int8 (docs/parity.md); a miss exits 1.",
+    help="Judge output parity with this preset: fp32, fp16, bf16 or int8 (docs/parity.md); a miss exits 1. "
+    "A preset compares the SAME model in another precision or runtime (model.onnx vs model.int8.onnx, "
+    "a bundle "
+    "vs its export); a compressed model differs from the dense one by design: gate it with "
+    "--max-accuracy-drop / --min-agreement instead.",
 )
 
 
@@ -391,23 +486,29 @@ def compare(
         None, "--data", help="Dataset (default: from the dense bundle, else mnist)."
     ),
     data_dir: Path | None = DataDir,
+    download: bool = Download,
     limit_test: int | None = typer.Option(None, "--limit-test", min=1, help="Use the first N test examples."),
     batch: str = typer.Option("1,32", "--batch", help="Batch sizes to time, comma-separated."),
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="Intra-op threads (default: all cores)."
     ),
-    seconds: float = typer.Option(1.0, "--seconds", min=0.05, help="Minimum timed seconds per block."),
+    seconds: float = typer.Option(
+        1.0, "--seconds", min=0.05, max=DAY_S, help="Minimum timed seconds per block."
+    ),
     max_accuracy_drop: float = typer.Option(
-        1.0, "--max-accuracy-drop", help="Budget, in accuracy points (BLEU points for translation)."
+        1.0, "--max-accuracy-drop", min=0.0, max=100.0,
+        help="Budget, in accuracy points (BLEU points for translation)."
     ),
     min_agreement: float | None = typer.Option(
-        None, "--min-agreement", help="Budget: top-1 agreement in [0, 1]."
+        None, "--min-agreement", min=0.0, max=1.0, help="Budget: top-1 agreement in [0, 1]."
     ),
     max_bleu_drop: float | None = typer.Option(
-        None, "--max-bleu-drop", help="Translation budget, in BLEU points (default: --max-accuracy-drop, 1)."
+        None, "--max-bleu-drop", min=0.0, max=100.0,
+        help="Translation budget, in BLEU points (default: --max-accuracy-drop, 1)."
     ),
     max_perplexity_increase: float = typer.Option(
-        0.10, "--max-perplexity-increase", help="Translation budget: relative perplexity rise (0.1 = 10%)."
+        0.10, "--max-perplexity-increase", min=0.0,
+        help="Translation budget: relative perplexity rise (0.1 = 10%)."
     ),
     precision: str | None = Precision,
     json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
@@ -426,10 +527,21 @@ def compare(
     profile: bool = typer.Option(
         False, "--profile", help="Add ONNX Runtime's per-operator time breakdown (report and plot)."
     ),
+    force: bool = Force,
 ) -> None:
     """Compare a candidate with the dense original: size, FLOPs, accuracy, parity, latency, speed-up."""
+    from lrdeploy.cli_checks import check_artifact_batch_fits
     from lrdeploy.comparison import compare_artifacts
-    from lrdeploy.serving.report import render_compare_table
+
+    check_artifact_batch_fits(dense, _parse_batches(batch), "--batch")  # before minutes of accuracy runs
+    from lrdeploy.outputs import Outputs
+    from lrdeploy.serving.golden import is_golden_dir
+    from lrdeploy.serving.report import REPORT_FILES, render_compare_table
+
+    outputs = Outputs(force=force, inputs=[dense, candidate])
+    outputs.file(json_path, "--json")
+    outputs.files_in(out, "--out", REPORT_FILES)
+    outputs.directory(save_golden, "--save-golden", what="golden set", is_ours=is_golden_dir)
 
     report = compare_artifacts(
         dense,
@@ -450,6 +562,7 @@ def compare(
         save_golden=save_golden,
         golden_samples=golden_samples,
         profile=profile,
+        force=force,
     )
     console.print(render_compare_table(report))
     if json_path:
@@ -487,25 +600,28 @@ def _fail_on_misses(report: dict[str, Any]) -> None:
 def check(
     candidate: Path = typer.Argument(..., help="Artefact to check: an .onnx file or a bundle directory."),
     golden: Path = typer.Option(
-        ..., "--golden", help="Golden set written by `lrdeploy compare ... --save-golden DIR`."
+        ..., "--golden", help="Golden set written by `lrdeploy compare REF CAND --save-golden DIR`: REF's "
+        "inputs and outputs. Check an artefact of the same model as REF (its export, or a precision variant "
+        "with that precision's preset), not a different model."
     ),
     precision: str | None = typer.Option(
         None, "--precision", help="Preset to judge with (default: the one recorded in the golden set)."
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Intra-op threads."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    force: bool = Force,
 ) -> None:
     """Check an artefact against golden outputs (for CI): per-statistic verdict; exit 1 on a miss."""
     import tempfile
 
     from lrdeploy.comparison import resolve_artifact
+    from lrdeploy.outputs import Outputs
     from lrdeploy.serving.golden import check_golden, load_golden
     from lrdeploy.serving.report import render_check_table, write_json
     from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
     from lrdeploy.translation_compare import is_translation_manifest
 
-    if json_path is not None and json_path.is_dir():
-        raise UserError(f"--json {json_path} is a directory", "give a file path, e.g. --json check.json")
+    Outputs(force=force, inputs=[candidate, golden]).file(json_path, "--json")
     gold = load_golden(golden)
     with tempfile.TemporaryDirectory(prefix="lrdeploy-check-") as tmp:
         art = resolve_artifact("candidate", candidate, Path(tmp))
@@ -539,15 +655,24 @@ def report_cmd(
     out: Path | None = typer.Option(
         None, "--out", help="Write summary.json, report.md and plot.png of the merged runs here."
     ),
+    force: bool = Force,
 ) -> None:
     """Merge several compare runs into one table and one latency-vs-accuracy plot."""
-    from lrdeploy.serving.report import load_report, merge_reports, render_summary_table, write_summary
+    from lrdeploy.outputs import Outputs
+    from lrdeploy.serving.report import (
+        SUMMARY_FILES,
+        load_report,
+        merge_reports,
+        render_summary_table,
+        write_summary,
+    )
 
+    Outputs(force=force, inputs=runs).files_in(out, "--out", SUMMARY_FILES)
     reports = [load_report(path) for path in runs]
     summary = merge_reports(reports, [str(p) for p in runs])
     console.print(render_summary_table(summary))
     if out is not None:
-        write_summary(summary, out)
+        write_summary(summary, out, force=force)
         console.print(f"merged report: [bold]{out}[/] (summary.json, report.md, plot.png)")
 
 
@@ -558,12 +683,14 @@ def demo(
         Path("runs/demo"), "--out", help="Where the demo's bundles, ONNX files and report go."
     ),
     data_dir: Path | None = DataDir,
+    download: bool = Download,
     epochs: int = typer.Option(4, "--epochs", min=1),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier demo run at --out."),
 ) -> None:
     """The main job: dense vs Cuttlefish LeNet-5 on MNIST, exported to ONNX and compared as deployed."""
     from lrdeploy.demo import run_demo
 
-    report = run_demo(out=out, data_dir=data_dir, epochs=epochs, console=console)
+    report = run_demo(out=out, data_dir=data_dir, epochs=epochs, console=console, force=force)
     if not report["budget"]["passed"]:
         raise typer.Exit(code=1)
 

@@ -25,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from lrdeploy import __version__
@@ -49,6 +48,8 @@ class Artifact:
     onnx_bytes: int
     weights_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    trained: dict[str, Any] | None = None  # the manifest's figures: the PyTorch model as trained
+    graph: dict[str, Any] | None = None  # how params/flops/weights_bytes were counted from the graph
 
     @property
     def name(self) -> str:
@@ -69,13 +70,33 @@ class Artifact:
             "onnx_bytes": self.onnx_bytes,
             "weights_bytes": self.weights_bytes,
             "structure": manifest.get("structure", {}),
+            **({"trained": self.trained} if self.trained else {}),
+            **({"graph": self.graph} if self.graph else {}),
             **self.extra,
         }
 
 
-def _onnx_params(path: Path) -> int:
-    model = onnx.load(str(path), load_external_data=False)
-    return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer))
+def deployed_figures(path: Path) -> dict[str, Any]:
+    """``params``, ``flops``, ``weights_bytes`` of the graph as deployed (``exporters.graph_stats``), and
+    ``graph``: how they were counted. A re-multiplied (``--fold dense``/``auto``) layer counts at its dense
+    size here, whatever the manifest says; ``flops`` is None when the graph's cost cannot be derived."""
+    from lrdeploy.exporters.graph_stats import graph_stats
+
+    stats = graph_stats(path)
+    summary = stats.summary()
+    graph = {k: v for k, v in summary.items() if k not in ("params", "flops", "weights_bytes")}
+    return {"params": stats.params, "flops": stats.flops, "weights_bytes": stats.weights_bytes,
+            "graph": graph}
+
+
+def trained_figures(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The manifest's ``params``/``flops``: the trained PyTorch model (``count_params``, ``count_flops``),
+    kept next to the deployed figures, never instead of them. (Its ``weights_bytes`` is the safetensors
+    file's size, header included, so it would differ from the graph's weight bytes for no reason.)"""
+    manifest = manifest or {}
+    figures = {k: manifest[k] for k in ("params", "flops")
+               if isinstance(manifest.get(k), int) and not isinstance(manifest.get(k), bool)}
+    return figures or None
 
 
 def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
@@ -87,10 +108,8 @@ def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
         raise UserError(f"{label} {path} does not exist", "pass a bundle directory or an .onnx file")
     if path.is_dir():
         from lrdeploy.bundle import load_bundle
-        from lrdeploy.flops import count_flops, count_params
 
         bundle = load_bundle(path)
-        weights = path / "weights.safetensors"
         onnx_path = workdir / f"{label}.onnx"
         from lrdeploy.workflows import export_bundle  # the same folding as `lrdeploy export` (--fold auto)
 
@@ -101,10 +120,9 @@ def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
             kind="bundle",
             onnx_path=onnx_path,
             manifest=bundle.manifest,
-            params=count_params(bundle.model),
-            flops=count_flops(bundle.model, bundle.input_shape),
             onnx_bytes=onnx_path.stat().st_size,
-            weights_bytes=weights.stat().st_size,
+            trained=trained_figures(bundle.manifest),
+            **deployed_figures(onnx_path),  # what was exported (folding may re-multiply factors)
         )
     if path.suffix != ".onnx":
         raise UserError(
@@ -126,20 +144,16 @@ def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
         cause = cause if len(cause) <= 70 else cause[:69] + "…"
         extra["onnx_checker"] = f"failed ({cause}); run by ORT anyway"
     manifest = read_onnx_metadata(path) or None
-    flops = (manifest or {}).get("flops")
-    # the manifest counts the model's parameters; ONNX initialisers also hold shape constants
-    params = (manifest or {}).get("params") or _onnx_params(path)
     return Artifact(
         label=label,
         source=path,
         kind="onnx",
         onnx_path=path,
         manifest=manifest,
-        params=params,
-        flops=flops,
         onnx_bytes=path.stat().st_size,
-        weights_bytes=(manifest or {}).get("weights_bytes"),
         extra=extra,
+        trained=trained_figures(manifest),  # the stamped manifest: what was trained, maybe not what is here
+        **deployed_figures(path),
     )
 
 
@@ -151,6 +165,50 @@ def _dataset_name(explicit: str | None, *artifacts: Artifact) -> str:
         if name:
             return name
     return "mnist"
+
+
+def check_reference_finite(parity: dict[str, Any], what: str = "dense model") -> None:
+    """UserError when the reference's outputs hold NaN/Inf: it cannot vouch for any candidate, so the
+    comparison is refused (exit 2) rather than judged; called before the minutes of timing."""
+    from lrdeploy.parity_stats import describe_nonfinite
+
+    nonfinite = parity.get("nonfinite") or {}
+    if nonfinite.get("reference"):
+        nan, inf = nonfinite.get("reference_nan"), nonfinite.get("reference_inf")
+        counts = describe_nonfinite(nan, inf) if nan is not None and inf is not None else "NaN/Inf values"
+        raise UserError(f"the reference ({what}) outputs contain {counts} on the test data, so it cannot "
+                        "judge a candidate", "fix or re-create the reference model (NaN weights?)")
+
+
+def nonfinite_budget_checks(parity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The budget check every comparison carries: NaN/Inf in the candidate's outputs is a named miss.
+
+    The task metric alone would not catch it (an arg-max over NaN scores still gives a class), and the
+    parity preset is only applied with ``--precision``.
+    """
+    from lrdeploy.parity_stats import describe_nonfinite
+
+    nonfinite = parity.get("nonfinite") or {}
+    count = int(nonfinite.get("candidate") or 0)
+    nan, inf = nonfinite.get("candidate_nan"), nonfinite.get("candidate_inf")
+    split = nan is not None and inf is not None
+    counts = describe_nonfinite(nan, inf) if split else f"{count} NaN/Inf values"
+    return [{"name": "non-finite candidate outputs", "limit": 0, "value": count, "passed": count == 0,
+             "message": f"candidate outputs contain {counts}"}]
+
+
+def budget_failures(checks: list[dict[str, Any]]) -> list[str]:
+    """One line per missed check: its own message, or the name, value and limit (NaN named as such)."""
+    def line(c: dict[str, Any]) -> str:
+        if c.get("message"):
+            return c["message"]
+        if c["value"] is None:
+            return f"{c['name']} not available (limit {c['limit']:g})"
+        if c["value"] != c["value"]:  # NaN
+            return f"{c['name']} is NaN (not measurable; limit {c['limit']:g})"
+        return f"{c['name']} {c['value']:.4g} misses the limit {c['limit']:g}"
+
+    return [line(c) for c in checks if not c["passed"]]
 
 
 def evaluate_budget(
@@ -173,8 +231,9 @@ def evaluate_budget(
             "name": metric,
             "limit": max_accuracy_drop,
             "value": drop_points,
-            "passed": drop_points <= max_accuracy_drop,
-        }
+            "passed": drop_points <= max_accuracy_drop,  # NaN fails
+        },
+        *nonfinite_budget_checks(parity),
     ]
     if min_agreement is not None:
         agreement = parity["top1_agreement"]
@@ -186,12 +245,7 @@ def evaluate_budget(
                 "passed": agreement is not None and agreement >= min_agreement,
             }
         )
-    failures = [
-        f"{c['name']} {c['value']:.4g} misses the limit {c['limit']:g}"
-        if c["value"] is not None else f"{c['name']} not available (limit {c['limit']:g})"
-        for c in checks
-        if not c["passed"]
-    ]
+    failures = budget_failures(checks)
     return {"checks": checks, "failures": failures, "passed": not failures}
 
 
@@ -248,6 +302,7 @@ def compare_artifacts(
     progress: bool = True,
     max_bleu_drop: float | None = None,
     max_perplexity_increase: float = 0.10,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Measure candidate against dense on accuracy, parity and interleaved latency; return the report dict.
 
@@ -269,7 +324,7 @@ def compare_artifacts(
             precision=precision,
             max_bleu_drop=max_accuracy_drop if max_bleu_drop is None else max_bleu_drop,
             max_perplexity_increase=max_perplexity_increase, json_path=json_path, out_dir=out_dir,
-            save_golden=save_golden, profile=profile, progress=progress)
+            save_golden=save_golden, profile=profile, progress=progress, force=force)
     from lrdeploy.data import load_dataset
     from lrdeploy.serving.bench import benchmark
     from lrdeploy.serving.golden import DEFAULT_SAMPLES
@@ -288,7 +343,7 @@ def compare_artifacts(
     if precision is not None:
         precision = get_tolerance(precision).precision
     if save_golden is not None:
-        check_golden_destination(save_golden)
+        check_golden_destination(save_golden, force)
     golden_samples = DEFAULT_SAMPLES if golden_samples is None else golden_samples
     if golden_samples < 1:
         raise UserError(f"--golden-samples must be at least 1, got {golden_samples}")
@@ -317,6 +372,7 @@ def compare_artifacts(
         }
         acc["delta"] = acc["candidate"] - acc["reference"]
         parity = output_parity(logits["dense"], logits["candidate"])
+        check_reference_finite(parity)
         session = getattr(runtimes["dense"], "session", None)
         parity["output"] = session.get_outputs()[0].name if session is not None else "output"
         if precision is not None:
@@ -326,7 +382,7 @@ def compare_artifacts(
             write_golden(save_golden, x[:n], {parity["output"]: logits["dense"][:n]}, labels=labels[:n],
                          dataset={"name": ds_name, "split": "test",
                                   "selection": f"first {n} test examples"},
-                         precision=precision or "fp32", reference=ref.summary())
+                         precision=precision or "fp32", reference=ref.summary(), force=force)
             golden_record = {"path": str(save_golden), "samples": n, "precision": precision or "fp32"}
         bench = benchmark(
             runtimes,
@@ -359,5 +415,5 @@ def compare_artifacts(
     if json_path is not None:
         write_json(json_path, report)
     if out_dir is not None:
-        write_reports(report, out_dir)
+        write_reports(report, out_dir, force=force)
     return report

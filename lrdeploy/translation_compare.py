@@ -59,6 +59,8 @@ class TranslationArtifact:
     onnx_bytes: int
     weights_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    trained: dict[str, Any] | None = None  # the manifest's figures (``comparison.trained_figures``)
+    graph: dict[str, Any] | None = None  # how params/flops/weights_bytes were counted from the graph
 
     @property
     def name(self) -> str:
@@ -79,6 +81,8 @@ class TranslationArtifact:
             "weights_bytes": self.weights_bytes,
             "structure": self.manifest.get("structure", {}),
             "task": "translation",
+            **({"trained": self.trained} if self.trained else {}),
+            **({"graph": self.graph} if self.graph else {}),
             **self.extra,
         }
 
@@ -124,15 +128,9 @@ def is_translation_artifact(path: str | Path) -> bool:
     return translation_manifest(path) is not None
 
 
-def _onnx_params(path: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer))
-
-
 def resolve_translation_artifact(label: str, path: Path, workdir: Path) -> TranslationArtifact:
     """Load a translation bundle and export it (folded, parity-checked), or check a translation .onnx file."""
+    from lrdeploy.comparison import deployed_figures, trained_figures
     from lrdeploy.exporters.onnx import export_onnx, load_onnx_checked
 
     path = Path(path)
@@ -144,21 +142,19 @@ def resolve_translation_artifact(label: str, path: Path, workdir: Path) -> Trans
                         "compare two translation artefacts (bundles or their .onnx exports)")
     if path.is_dir():
         from lrdeploy.bundle import load_bundle
-        from lrdeploy.flops import count_params
 
         bundle = load_bundle(path)
         onnx_path = workdir / f"{label}.onnx"
         export_onnx(bundle, onnx_path, optimize=False)
         return TranslationArtifact(
             label=label, source=path, kind="bundle", onnx_path=onnx_path, manifest=bundle.manifest,
-            params=count_params(bundle.model), flops=bundle.manifest.get("flops"),
-            onnx_bytes=onnx_path.stat().st_size, weights_bytes=(path / "weights.safetensors").stat().st_size,
+            onnx_bytes=onnx_path.stat().st_size, trained=trained_figures(bundle.manifest),
+            **deployed_figures(onnx_path),  # counted from the exported graph at the nominal 32 tokens
         )  # fmt: skip
     load_onnx_checked(path)
     return TranslationArtifact(
         label=label, source=path, kind="onnx", onnx_path=path, manifest=manifest,
-        params=manifest.get("params") or _onnx_params(path), flops=manifest.get("flops"),
-        onnx_bytes=path.stat().st_size, weights_bytes=manifest.get("weights_bytes"),
+        onnx_bytes=path.stat().st_size, trained=trained_figures(manifest), **deployed_figures(path),
     )  # fmt: skip
 
 
@@ -328,6 +324,8 @@ def translation_budget(
     min_agreement: float | None,
 ) -> dict[str, Any]:
     """Budget checks shaped like ``comparison.evaluate_budget``'s: ``checks``, ``failures``, ``passed``."""
+    from lrdeploy.comparison import budget_failures, nonfinite_budget_checks
+
     ref, cand = task["reference"], task["candidate"]
 
     def check(name: str, limit: float, value: float | None, passed: bool) -> dict[str, Any]:
@@ -339,17 +337,14 @@ def translation_budget(
         check("BLEU drop (points)", max_bleu_drop, bleu_drop,
               bleu_drop is not None and bleu_drop <= max_bleu_drop),
         check("perplexity increase (relative)", max_perplexity_increase, ppl_increase,
-              ppl_increase <= max_perplexity_increase),
+              ppl_increase <= max_perplexity_increase),  # NaN fails
+        *nonfinite_budget_checks(dict(parity)),
     ]
     if min_agreement is not None:
         agreement = parity.get("top1_agreement")
         checks.append(check("top-1 agreement (tokens)", min_agreement, agreement,
                             agreement is not None and agreement >= min_agreement))
-    failures = [
-        f"{c['name']} {c['value']:.4g} misses the limit {c['limit']:g}"
-        if c["value"] is not None else f"{c['name']} not available (limit {c['limit']:g})"
-        for c in checks if not c["passed"]
-    ]
+    failures = budget_failures(checks)
     return {"checks": checks, "failures": failures, "passed": not failures}
 
 
@@ -372,10 +367,11 @@ def compare_translation(
     save_golden: Path | None = None,
     profile: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Compare two translation artefacts (see the module docstring); the report has the top-level keys of
     ``comparison.compare_artifacts`` with a ``task`` section (perplexity, token accuracy, BLEU per side)."""
-    from lrdeploy.comparison import assemble_report, verdict
+    from lrdeploy.comparison import assemble_report, check_reference_finite, verdict
     from lrdeploy.serving.bench import benchmark
     from lrdeploy.serving.parity import get_tolerance, judge, output_parity
     from lrdeploy.serving.report import latency_section, write_json, write_reports
@@ -428,6 +424,7 @@ def compare_translation(
                      "BLEU-4 (0-100) of greedy translations, decoded by re-running the graph on each prefix",
         }
         parity = output_parity(results["dense"][1], results["candidate"][1])
+        check_reference_finite(parity)
         parity["output"] = runtimes["dense"].output_name
         parity["rows"] = f"non-padding target tokens of the first {n_parity} sentences (teacher-forced)"
         if precision is not None:
@@ -458,5 +455,5 @@ def compare_translation(
     if json_path is not None:
         write_json(json_path, report)
     if out_dir is not None:
-        write_reports(report, out_dir)
+        write_reports(report, out_dir, force=force)
     return report

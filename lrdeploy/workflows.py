@@ -19,10 +19,6 @@ def _dataset_record(ds: Any, train_examples: int | None = None) -> dict[str, Any
     return record
 
 
-def _check_out_is_not_input(src: Path, out: Path) -> None:
-    if Path(src).resolve() == Path(out).resolve():
-        raise UserError(f"--out {out} is the input bundle itself", "write the result to a new directory")
-
 
 # Optimiser settings left unset (None) in a TrainRequest take the task's defaults: SGD recipes for the image
 # classifiers, AdamW with warm-up for translation (plain SGD trains a Transformer poorly).
@@ -52,6 +48,7 @@ class TrainRequest:
     seed: int = 0
     out: Path = Path("runs/bundle")
     progress: bool = True
+    force: bool = False  # replace an existing bundle at ``out``
 
 
 def _setting(req: TrainRequest, name: str, defaults: dict[str, Any]) -> Any:
@@ -93,7 +90,7 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     from lrdeploy.models import create_model, get_spec
     from lrdeploy.train import TrainConfig, train
 
-    check_output_dir(req.out)
+    check_output_dir(req.out, force=req.force)
     spec = get_spec(req.model_name)
     translation = is_translation_dataset(req.dataset)
     _check_task(spec, req.dataset, translation)
@@ -135,6 +132,7 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     save_bundle(
         req.out,
         model,
+        force=req.force,
         model_name=req.model_name,
         model_args=model_args,
         input_shape=tuple(train_set.x.shape[1:]),
@@ -160,7 +158,7 @@ def train_translation_bundle(req: TrainRequest) -> dict[str, Any]:
     from lrdeploy.models import create_model, get_spec
     from lrdeploy.seq2seq import TranslationConfig, train_translation
 
-    check_output_dir(req.out)
+    check_output_dir(req.out, force=req.force)
     spec = get_spec(req.model_name)
     if req.augment is not None:
         raise UserError("data augmentation does not apply to translation", hint="drop --augment")
@@ -211,6 +209,7 @@ def train_translation_bundle(req: TrainRequest) -> dict[str, Any]:
     save_bundle(
         req.out,
         model,
+        force=req.force,
         model_name=req.model_name,
         model_args=model_args,
         input_shape=tuple(spec.input_shape),  # nominal (source length), for the FLOP count
@@ -265,14 +264,23 @@ def check_model_accepts(model: torch.nn.Module, dataset: Any, model_name: str, d
         model.train(was_training)
 
 
-def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | None, out: Path) -> None:
+def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | None, out: Path,
+                force: bool = False) -> None:
     """Write a bundle from a registry model at its initial weights or from a user's dense state dict."""
+    import inspect
+
     from lrdeploy.bundle import check_output_dir, load_state_dict_checkpoint, save_bundle
     from lrdeploy.models import create_model, get_spec
 
-    check_output_dir(out)
+    check_output_dir(out, force=force, inputs=(checkpoint,))
     spec = get_spec(model_name)
-    args = {"num_classes": num_classes or spec.num_classes}
+    classifier = "num_classes" in inspect.signature(spec.builder).parameters
+    if num_classes is not None and not classifier:  # e.g. the translation Transformer: vocabularies instead
+        task = ("a translation model (source and target vocabularies, no classes)" if spec.multi_input
+                else "not a classifier")
+        raise UserError(f"--num-classes does not apply: model '{spec.name}' is {task}",
+                        f"drop --num-classes; `lrdeploy init --model {spec.name}` builds it at its defaults")
+    args = {"num_classes": num_classes or spec.num_classes} if classifier else {}
     model = create_model(model_name, **args)
     source = "init"
     if checkpoint is not None:
@@ -281,6 +289,7 @@ def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | 
     save_bundle(
         out,
         model,
+        force=force,
         model_name=model_name,
         model_args=args,
         method={"name": "dense", "source": source},
@@ -302,6 +311,7 @@ def compress_bundle(
     seed: int,
     out: Path,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Post-training path: SVD-compress a bundle, evaluate, optionally fine-tune, write a low-rank bundle.
 
@@ -323,12 +333,18 @@ def compress_bundle(
         check_fraction(rank_ratio, "rank ratio", "--rank-ratio")
     if energy is not None:
         check_fraction(energy, "energy", "--energy")
-    _check_out_is_not_input(bundle_path, out)
-    check_output_dir(out)
+    check_output_dir(out, force=force, inputs=(bundle_path,))
     src = load_bundle(bundle_path)
     model = src.model
     dense_params = count_params(model)
     report = compress(model, rank_ratio=rank_ratio, energy=energy)
+    if not report.compressed:
+        low_rank = [layer.name for layer in report.layers if layer.skipped == "already low-rank"]
+        method_name = (src.manifest.get("method") or {}).get("name")
+        why = (f"its {len(low_rank)} eligible layers are already low-rank ({method_name})"
+               if low_rank else "no layer is eligible or worth factorising at these settings")
+        raise UserError(f"nothing to compress in {bundle_path}: {why}",
+                        "compress a dense bundle, or export this one as it is (Maestro: --rank-budget)")
 
     ds_name = dataset or src.manifest.get("dataset", {}).get("name")
     metrics: dict[str, Any] = {}
@@ -379,6 +395,7 @@ def compress_bundle(
     save_bundle(
         out,
         model,
+        force=force,
         model_name=src.manifest["model"]["name"],
         model_args=src.manifest["model"]["args"],
         method=method,
@@ -593,6 +610,7 @@ def export_precision_variant(
     data_dir: Path | None = None,
     calibration_examples: int = 256,
     test_examples: int = 1000,
+    dataset: str | None = None,
 ) -> Any:
     """Write ``<stem>.<precision>.onnx`` from the exported fp32 graph and judge it against fp32.
 
@@ -605,7 +623,7 @@ def export_precision_variant(
     from lrdeploy.translation_compare import is_translation_manifest
 
     manifest = read_manifest(bundle_path)
-    ds_name = (manifest.get("dataset") or {}).get("name")
+    ds_name = dataset or (manifest.get("dataset") or {}).get("name")
     calibration = test_x = labels = None
     if is_translation_manifest(manifest):  # Linear-heavy: dynamic int8 needs no calibration
         test_x, labels = _translation_test_feeds(manifest, data_dir, test_examples)
@@ -621,7 +639,7 @@ def export_precision_variant(
     elif precision == "int8":
         raise UserError(
             f"bundle {bundle_path} records no dataset to calibrate int8 on",
-            "use --precision fp16, or re-train",
+            "name one with --calib-data (e.g. --calib-data mnist), or use --precision fp16",
         )
     return convert_precision(
         onnx_path,

@@ -37,6 +37,7 @@ import numpy as np
 
 from lrdeploy import atomic
 from lrdeploy.errors import UserError
+from lrdeploy.manifest_schema import GOLDEN_HINT, read_json_file, validate_golden
 
 from .parity import Tolerance, accuracy, get_tolerance, judge, output_parity, run_batched
 from .report import command_line
@@ -81,22 +82,22 @@ class Golden:
         return int(self.inputs.shape[0])
 
 
-def _check_destination(out: Path) -> None:
-    """Replace only a golden set (or an empty directory): never the user's other files."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise UserError(f"{out} exists and is not a directory", "choose another --save-golden path")
-    entries = sorted(p.name for p in out.iterdir())
-    foreign = [e for e in entries if e not in GOLDEN_FILES]
-    if foreign:
-        raise UserError(f"{out} holds files that are not a golden set ({', '.join(foreign[:3])})",
-                        "choose a new or empty directory; lrdeploy only replaces its own golden sets")
+def is_golden_dir(path: Path) -> bool:
+    """A directory holding only the files of a golden set (replaceable with --force)."""
+    entries = {p.name for p in path.iterdir()}
+    return bool(entries) and entries <= set(GOLDEN_FILES)
 
 
-def check_destination(out: str | Path) -> None:
+def _check_destination(out: Path, force: bool = False) -> None:
+    """Replace only a golden set (with ``force``) or fill an empty directory: never the user's other files."""
+    from lrdeploy.outputs import Outputs
+
+    Outputs(force=force).directory(out, "--save-golden", what="golden set", is_ours=is_golden_dir)
+
+
+def check_destination(out: str | Path, force: bool = False) -> None:
     """Fail before any work when ``out`` could not take a golden set (call it before a long compare)."""
-    _check_destination(Path(out))
+    _check_destination(Path(out), force)
 
 
 def save_golden(
@@ -108,6 +109,7 @@ def save_golden(
     dataset: Mapping[str, Any] | None = None,
     precision: str | Tolerance = "fp32",
     reference: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write a golden set to ``out_dir`` (see the module docstring); returns the directory.
 
@@ -117,7 +119,7 @@ def save_golden(
     from lrdeploy import __version__
 
     out = Path(out_dir)
-    _check_destination(out)
+    _check_destination(out, force)
     tol = get_tolerance(precision)
     x = np.ascontiguousarray(np.asarray(inputs))
     outs = dict(outputs) if isinstance(outputs, Mapping) else {"output": outputs}
@@ -153,7 +155,8 @@ def save_golden(
         "files": {ARRAYS_FILE: hashlib.sha256(blob).hexdigest()},
     }
     text = json.dumps(manifest, indent=2, allow_nan=False, default=str) + "\n"
-    with atomic.temporary_path(out) as tmp:
+    with atomic.Staging(out.parent) as stage:  # the directory appears whole, replacing the old one
+        tmp = stage.path(out.name)
         tmp.mkdir()
         (tmp / ARRAYS_FILE).write_bytes(blob)
         (tmp / MANIFEST_FILE).write_text(text, encoding="utf-8")
@@ -169,13 +172,12 @@ def load_golden(path: str | Path) -> Golden:
                         "--save-golden DIR`")
     if not manifest_path.is_file() or not arrays_path.is_file():
         raise UserError(f"{root} is not a golden set (needs {MANIFEST_FILE} and {ARRAYS_FILE})")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"golden manifest {manifest_path} is not readable JSON ({exc})") from None
+    manifest = read_json_file(manifest_path, GOLDEN_HINT, invalid="is not readable JSON")
     if not isinstance(manifest, dict) or manifest.get("schema") != GOLDEN_SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else None
+        found = found[:60] if isinstance(found, str) else None
         raise UserError(f"{manifest_path} is not a {GOLDEN_SCHEMA} manifest (schema {found!r})")
+    validate_golden(manifest, str(manifest_path))  # every field: types, sizes, finite numbers, depth
     blob = arrays_path.read_bytes()
     expected = (manifest.get("files") or {}).get(ARRAYS_FILE)
     if hashlib.sha256(blob).hexdigest() != expected:
@@ -201,6 +203,17 @@ def load_golden(path: str | Path) -> Golden:
     return Golden(root, arrays["inputs"], outputs, arrays.get("labels"), manifest)
 
 
+def _check_reference_finite(golden: Golden, name: str, ref: np.ndarray) -> None:
+    """A golden output holding NaN/Inf cannot vouch for any candidate: a one-line UserError, not a verdict."""
+    from lrdeploy.parity_stats import describe_nonfinite, nonfinite_counts
+
+    nan, inf = nonfinite_counts(ref)
+    if nan or inf:
+        raise UserError(f"golden set {golden.path}: reference output {name!r} contains "
+                        f"{describe_nonfinite(nan, inf)}, so it cannot judge a candidate",
+                        "re-create it with --save-golden from a working reference model")
+
+
 def check_golden(
     golden: Golden,
     runtime: Runtime,
@@ -217,9 +230,10 @@ def check_golden(
     """
     tol = get_tolerance(precision if precision is not None else golden.precision)
     name, ref = next(iter(golden.outputs.items()))
+    _check_reference_finite(golden, name, ref)  # before running the candidate: nothing could pass against it
     x = golden.inputs
     out = run_batched(runtime, x, batch_size)
-    parity = judge(output_parity(ref, out), tol)
+    parity = judge(output_parity(ref, out), tol)  # NaN/Inf in the candidate: a named failure (parity_stats)
     failures = [f"{name}: {f}" for f in parity["failures"]]
     result: dict[str, Any] = {
         "schema": "lrdeploy.check/1",

@@ -15,8 +15,11 @@ or shape), so the schema name stays ``lrdeploy.compare/1``.
       "reference": {                                    # model summary (all keys optional)
         "name": "dense",                                # (+) file stem / bundle directory name
         "label": "dense", "source": "runs/dense.onnx", "kind": "onnx" | "bundle", "runtime": "ort-cpu",
-        "params": 61706, "flops": 845000,               # FLOPs per sample (2·MAC)
+        "params": 61706, "flops": 845000,               # of the ONNX graph as deployed; per sample, 2·MAC
         "onnx_bytes": 247000, "weights_bytes": ..., "method": "dense", "model": "lenet5",
+        "trained": {"params", "flops"},                 # (+) the manifest's count of the trained model
+        "graph": {"macs", "input_shapes", "convention", "flops_by_op_type", "not_counted", "unknown_ops",
+                  "missing"},                       # (+) how the graph was counted (exporters.graph_stats)
         "onnx_checker": "failed (...); run by ORT anyway"   # (+) only when the ONNX checker objected
       },
       "candidate": { ...same keys as reference... },
@@ -184,6 +187,12 @@ def _si(v: Any, unit: str = "") -> str:
     return f"{x:.0f} {unit}".strip()
 
 
+def _count(v: Any, unit: str = "") -> str:
+    """A count (FLOPs): a negative one is a counting bug upstream, never a number to show."""
+    x = _num(v)
+    return _NA if x is None or x < 0 else _si(x, unit)
+
+
 def _bytes(v: Any) -> str:
     x = _num(v)
     if x is None:
@@ -217,7 +226,7 @@ def _sci(v: Any) -> str:
 def _ratio_change(ref: Any, cand: Any, lower_is_better: bool = True) -> Text:
     """``cand/ref`` as "0.31×", green when it moved the good way."""
     r, c = _num(ref), _num(cand)
-    if r is None or c is None or r == 0:
+    if r is None or c is None or r <= 0 or c < 0:  # counts, sizes and times: a negative one means nothing
         return Text(_NA)
     ratio = c / r
     good = ratio < 1 if lower_is_better else ratio > 1
@@ -267,7 +276,7 @@ _SUMMARY_ROWS: tuple[tuple[str, str, Any, bool | None], ...] = (
     ("runtime", "runtime", _scalar, None),
     ("method", "method", _scalar, None),
     ("params", "parameters", lambda v: _scalar(v) if _num(v) is not None else _NA, True),
-    ("flops", "FLOPs / sample", lambda v: _si(v, "FLOP"), True),
+    ("flops", "FLOPs / sample", lambda v: _count(v, "FLOP"), True),
     ("size_bytes", "file size", _bytes, True),
     ("onnx_bytes", "ONNX size", _bytes, True),
     ("weights_bytes", "weights size", _bytes, True),
@@ -345,6 +354,37 @@ def render_compare_table(report: Mapping[str, Any]) -> Table:
     return table
 
 
+# figures counted from the deployed graph that a summary may also carry as trained (``trained``: the
+# bundle manifest's count of the PyTorch model); the trained one is shown only where it differs
+_TRAINED_KEYS = ("params", "flops", "weights_bytes")
+TRAINED_LABEL = "trained structure"
+_COUNTED_NOTE = ("Parameters, FLOPs (2·MAC of Conv/Gemm/MatMul per sample) and weight size are counted "
+                 f"from the deployed ONNX graph; \"{TRAINED_LABEL}\" is the bundle manifest's count of the "
+                 "PyTorch model, shown only where it differs (e.g. a factorised layer folded back to dense).")
+
+
+def _trained_differs(summary: Mapping[str, Any], key: str) -> bool:
+    trained = _num(_d(summary, "trained").get(key))
+    return trained is not None and trained != _num(summary.get(key))
+
+
+def _trained_cell(summary: Mapping[str, Any], key: str, fmt: Any) -> str:
+    if _trained_differs(summary, key):
+        return fmt(_d(summary, "trained")[key])
+    return "same" if _num(_d(summary, "trained").get(key)) is not None else _NA
+
+
+def _trained_row(table: _Rows, key: str, label: str, fmt: Any, ref: Mapping[str, Any],
+                 cand: Mapping[str, Any]) -> None:
+    """``parameters (trained structure)`` under the deployed row, only when a side's manifest figure differs
+    from its graph's (e.g. ``--fold auto`` re-multiplied a factorised layer); "same" on the other side."""
+    if not (_trained_differs(ref, key) or _trained_differs(cand, key)):
+        return
+    change = _ratio_change(_d(ref, "trained").get(key), _d(cand, "trained").get(key))
+    table.add_row(f"{label} ({TRAINED_LABEL})", _trained_cell(ref, key, fmt), _trained_cell(cand, key, fmt),
+                  change)
+
+
 def _summary_rows(table: _Rows, ref: Mapping[str, Any], cand: Mapping[str, Any]) -> None:
     if not ref and not cand:
         return
@@ -356,6 +396,8 @@ def _summary_rows(table: _Rows, ref: Mapping[str, Any], cand: Mapping[str, Any])
         change = Text("") if lower_is_better is None else _ratio_change(ref.get(key), cand.get(key),
                                                                         lower_is_better)
         table.add_row(label, fmt(ref.get(key)), fmt(cand.get(key)), change)
+        if key in _TRAINED_KEYS:
+            _trained_row(table, key, label, fmt, ref, cand)
     extra = [k for k in dict.fromkeys([*ref, *cand]) if k not in known and k not in _SKIP_SUMMARY]
     for key in extra:
         a, b = ref.get(key), cand.get(key)
@@ -602,6 +644,8 @@ def render_markdown(report: Mapping[str, Any], plot: str | None = None) -> str:
         lines += [f"## {name}", "", "| | reference | candidate | change |", "|---|---:|---:|---:|"]
         lines += ["| " + " | ".join(_plain(c) for c in cells) + " |" for cells in section]
         lines.append("")
+        if name == "Models" and any(_d(_d(report, role), "graph") for role in ("reference", "candidate")):
+            lines += [_COUNTED_NOTE, ""]
     lines += _profile_markdown(report)
     notes = report.get("notes")
     if isinstance(notes, list) and notes:
@@ -788,7 +832,8 @@ def merge_reports(reports: Sequence[Mapping[str, Any]],
         {"schema", "runs": [{"source", "created", "command", "reference", "candidate"}],
          "dataset": "mnist test, n=10,000",
          "models": [{"name", "role": "reference"|"candidate", "source", "model", "method", "kind", "params",
-                     "flops", "onnx_bytes", "accuracy", "task": {...}, "vs": reference name,
+                     "flops", "onnx_bytes", "weights_bytes" (+), "trained": {"params", "flops"} | null (+),
+                     "accuracy", "task": {...}, "vs": reference name,
                      "latency": {batch: {"median_ms", "p90_ms", "p99_ms", "throughput"}},
                      "speedup": {batch: float}, "parity": {"precision", "passed", "rel_l2", "top1_agreement",
                      "failures"}, "budget_passed", "runs": [run indices]}],
@@ -879,6 +924,8 @@ def _new_model_entry(summary: Mapping[str, Any], role: str) -> dict[str, Any]:
         "params": summary.get("params"),
         "flops": summary.get("flops"),
         "onnx_bytes": summary.get("onnx_bytes", summary.get("size_bytes")),
+        "weights_bytes": summary.get("weights_bytes"),
+        "trained": dict(_d(summary, "trained")) or None,
         "accuracy": None,
         "task": {},
         "parity": None,
@@ -924,7 +971,8 @@ def _summary_columns(summary: Mapping[str, Any], tails: bool = True) -> tuple[li
     models = summary.get("models") or []
     batches = sorted({b for m in models for b in (m.get("latency") or {})}, key=_batch_key)
     has_task = any(m.get("task") for m in models)
-    header = ["model", "role", "params", "accuracy"]
+    has_trained = any(_trained_differs(m, "params") for m in models)
+    header = ["model", "role", "params", *([f"params ({TRAINED_LABEL})"] if has_trained else []), "accuracy"]
     if has_task:
         header += ["BLEU", "perplexity"]
     for b in batches:
@@ -932,8 +980,10 @@ def _summary_columns(summary: Mapping[str, Any], tails: bool = True) -> tuple[li
     header += ["parity", "budget"]
     rows = []
     for m in models:
-        row: list[Any] = [str(m.get("name")), str(m.get("role")), _scalar(m.get("params")),
-                          _pct(m.get("accuracy"))]
+        row: list[Any] = [str(m.get("name")), str(m.get("role")), _scalar(m.get("params"))]
+        if has_trained:
+            row.append(_trained_cell(m, "params", _scalar))
+        row.append(_pct(m.get("accuracy")))
         if has_task:
             task = m.get("task") or {}
             row += [_NA if _num(task.get("bleu")) is None else f"{task['bleu']:.2f}",
@@ -989,6 +1039,8 @@ def render_summary_markdown(summary: Mapping[str, Any], plot: str | None = None)
     lines += ["", "Speed-up: median over rounds of the paired (reference / candidate) median latency, "
               "against the reference of the candidate's own run; a model measured in several runs shows the "
               "median of its runs.", ""]
+    if any(m.get("trained") for m in summary.get("models") or []):  # reports made since sizes are counted
+        lines += [_COUNTED_NOTE, ""]
     if plot:
         lines += [f"![latency vs accuracy]({plot})", ""]
     return "\n".join(lines)
@@ -1004,42 +1056,53 @@ def _write_plot(figure_of: Any, data: Mapping[str, Any], path: Path) -> Path | N
         return None
 
 
-def write_reports(report: Mapping[str, Any], out_dir: str | Path, *, plot: bool = True) -> dict[str, Path]:
-    """``report.json``, ``report.md`` and ``plot.png`` in ``out_dir`` (each written atomically)."""
+REPORT_FILES = (REPORT_FILE, MARKDOWN_FILE, PLOT_FILE)
+SUMMARY_FILES = ("summary.json", MARKDOWN_FILE, PLOT_FILE)
+
+
+def write_reports(report: Mapping[str, Any], out_dir: str | Path, *, plot: bool = True,
+                  force: bool = False) -> dict[str, Path]:
+    """``report.json``, ``report.md`` and ``plot.png`` in ``out_dir``, appearing together (staged)."""
     from .plot import plot_report
 
-    out = Path(out_dir)
-    _check_out_dir(out)
-    files = {"json": write_json(out / REPORT_FILE, report)}
-    png = _write_plot(plot_report, report, out / PLOT_FILE) if plot else None
-    if png is not None:
-        files["plot"] = png
-    md = render_markdown(report, plot=PLOT_FILE if png is not None else None)
-    atomic.write_text(out / MARKDOWN_FILE, md)
-    files["markdown"] = out / MARKDOWN_FILE
-    return files
+    def write(stage: Path) -> None:
+        write_json(stage / REPORT_FILE, report)
+        png = _write_plot(plot_report, report, stage / PLOT_FILE) if plot else None
+        atomic.write_text(stage / MARKDOWN_FILE, render_markdown(report, plot=PLOT_FILE if png else None))
+
+    return _write_files(out_dir, "--out", REPORT_FILES, write, force,
+                        {"json": REPORT_FILE, "plot": PLOT_FILE, "markdown": MARKDOWN_FILE})
 
 
-def write_summary(summary: Mapping[str, Any], out_dir: str | Path, *, plot: bool = True) -> dict[str, Path]:
-    """``summary.json``, ``report.md`` and ``plot.png`` of merged runs in ``out_dir``."""
+def write_summary(summary: Mapping[str, Any], out_dir: str | Path, *, plot: bool = True,
+                  force: bool = False) -> dict[str, Path]:
+    """``summary.json``, ``report.md`` and ``plot.png`` of merged runs in ``out_dir``, appearing together."""
     from .plot import plot_summary
 
+    def write(stage: Path) -> None:
+        write_json(stage / "summary.json", summary)
+        png = _write_plot(plot_summary, summary, stage / PLOT_FILE) if plot else None
+        atomic.write_text(stage / MARKDOWN_FILE, render_summary_markdown(summary, PLOT_FILE if png else None))
+
+    return _write_files(out_dir, "--out", SUMMARY_FILES, write, force,
+                        {"json": "summary.json", "plot": PLOT_FILE, "markdown": MARKDOWN_FILE})
+
+
+def _write_files(out_dir: str | Path, flag: str, names: Sequence[str], write: Any, force: bool,
+                 keys: Mapping[str, str]) -> dict[str, Path]:
+    """Stage a report's files and install them at once; an existing report is replaced only with ``force``."""
+    from lrdeploy.outputs import Outputs
+
     out = Path(out_dir)
-    _check_out_dir(out)
-    files = {"json": write_json(out / "summary.json", summary)}
-    png = _write_plot(plot_summary, summary, out / PLOT_FILE) if plot else None
-    if png is not None:
-        files["plot"] = png
-    atomic.write_text(out / MARKDOWN_FILE, render_summary_markdown(summary, PLOT_FILE if png else None))
-    files["markdown"] = out / MARKDOWN_FILE
-    return files
-
-
-def _check_out_dir(out: Path) -> None:
-    from lrdeploy.errors import UserError
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory", "give a directory for the report files")
+    Outputs(force=force).files_in(out, flag, names)
+    if out.is_dir():  # stage inside it, so the user's other files there are never touched
+        with atomic.Staging(out, replaces=names) as stage:
+            write(stage.new)
+    else:  # a new directory appears whole
+        with atomic.Staging(out.parent) as stage:
+            stage.path(out.name).mkdir()
+            write(stage.path(out.name))
+    return {key: out / name for key, name in keys.items() if (out / name).exists()}
 
 
 def render_check_table(result: Mapping[str, Any]) -> Table:

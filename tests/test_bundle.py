@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -207,8 +208,10 @@ def test_refuses_to_clobber_a_users_directory(tmp_path):
     (target / "notes.txt").write_text("precious")
     (target / "sub" / "data.bin").write_bytes(b"\x00\x01")
     before = _snapshot(target)
-    with pytest.raises(UserError, match="not an lrdeploy bundle"):
+    with pytest.raises(UserError, match="--force"):
         _save(target, _dense())
+    with pytest.raises(UserError, match="not an lrdeploy bundle"):  # not even with force
+        _save(target, _dense(), force=True)
     assert _snapshot(target) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp debris beside it
 
@@ -217,8 +220,8 @@ def test_refuses_a_bundle_holding_foreign_files(tmp_path):
     out = _save(tmp_path / "b", _dense())
     (out / "model.onnx").write_bytes(b"user file")
     before = _snapshot(out)
-    with pytest.raises(UserError, match="did not write"):
-        _save(out, _dense(1))
+    with pytest.raises(UserError, match="not an lrdeploy bundle"):  # replacing it would lose model.onnx
+        _save(out, _dense(1), force=True)
     assert _snapshot(out) == before
 
 
@@ -237,7 +240,9 @@ def test_empty_directory_is_fine(tmp_path):
 
 def test_saving_over_a_bundle_replaces_it(tmp_path, lowrank_model):
     out = _save(tmp_path / "b", _dense(0))
-    _save(out, lowrank_model, metrics={"test_accuracy": 0.5})
+    with pytest.raises(UserError, match="--force"):
+        _save(out, lowrank_model)
+    _save(out, lowrank_model, metrics={"test_accuracy": 0.5}, force=True)
     loaded = load_bundle(out)
     _assert_same_tensors(lowrank_model, loaded.model)
     assert loaded.manifest["metrics"] == {"test_accuracy": 0.5}
@@ -257,7 +262,7 @@ def test_failed_save_leaves_the_old_bundle_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bundle_mod, "_write_synced", boom)
     with pytest.raises(OSError, match="disk full"):
-        _save(out, _dense(1))
+        _save(out, _dense(1), force=True)
     assert _snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     load_bundle(out)
@@ -352,3 +357,70 @@ def test_bad_checkpoint_files_are_refused(tmp_path, payload, match):
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_state_dict_checkpoint(tmp_path / "nope.pt", _dense())
+
+
+# --- checkpoints whose values cannot be weights (issue 9) ---
+
+
+def _poison(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.clone()
+    if name == "nan":
+        t.view(-1)[:3] = float("nan")
+        t.view(-1)[3] = float("-inf")
+        return t
+    return {"complex": lambda: t.to(torch.complex64), "int": lambda: t.round().to(torch.int32),
+            "bool": lambda: t > 0, "sparse": lambda: t.to_sparse(), "csr": lambda: t.to_sparse_csr(),
+            "meta": lambda: t.to("meta")}[name]()
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("nan", "tensor 'fc1.weight' contains 3 NaN / 1 Inf values (of 48000)"),
+    ("complex", "tensor 'fc1.weight' is complex (complex64) where the model has real float32 weights"),
+    ("int", "tensor 'fc1.weight' is int32 where the model has floating-point float32 weights"),
+    ("bool", "tensor 'fc1.weight' is bool where"),
+    ("sparse", "tensor 'fc1.weight' is a sparse tensor (layout sparse_coo)"),
+    ("csr", "tensor 'fc1.weight' is a sparse tensor (layout sparse_csr)"),
+    ("meta", "tensor 'fc1.weight' is a meta tensor (shape only, no data)"),
+])
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_checkpoint_values_that_cannot_be_weights_are_refused(tmp_path, kind, match):
+    state = _dense(0).state_dict()
+    state["fc1.weight"] = _poison(kind, state["fc1.weight"])
+    state["fc2.weight"] = _poison(kind, state["fc2.weight"])
+    torch.save(state, tmp_path / "ckpt.pt")
+    target = _dense(1)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(UserError, match=re.escape(match)) as err:
+        load_state_dict_checkpoint(tmp_path / "ckpt.pt", target)
+    assert "\n" not in str(err.value) and "fc2" not in str(err.value)  # one line, first key in model order
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # nothing half-loaded
+
+
+def test_integer_buffers_stay_integer_and_finite_checkpoints_still_load(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    state = model.state_dict()
+    assert state["1.num_batches_tracked"].dtype == torch.int64  # not "where floats belong": accepted
+    torch.save(state, tmp_path / "ckpt.pt")
+    load_state_dict_checkpoint(tmp_path / "ckpt.pt", torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3),
+                                                                        torch.nn.BatchNorm2d(2)))
+
+
+def test_checkpoint_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        load_state_dict_checkpoint(tmp_path, _dense(0))
+    with pytest.raises(UserError, match="does not exist"):
+        load_state_dict_checkpoint(tmp_path / "missing.pt", _dense(0))
+
+
+class _Smuggled:
+    """Any class outside the weights-only allowlist: its GLOBAL opcode is what torch refuses."""
+
+
+def test_weights_only_refusal_names_the_blocked_global_in_one_line(tmp_path):
+    torch.save({"fc1.weight": _Smuggled()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError) as err:
+        load_state_dict_checkpoint(tmp_path / "evil.pt", _dense(0))
+    text = str(err.value)
+    # torch's message opens with ~300 characters of advice; the old 200-character cut never reached this part
+    assert f"GLOBAL {__name__}._Smuggled" in text and "\n" not in text and "\x1b" not in text
+    assert "weights-only unpickler blocked it" in text

@@ -108,7 +108,6 @@ def test_bf16_variant_end_to_end(lowrank_bundle, tmp_path):
 def test_trt_int8_builds_from_a_symmetric_qdq_graph(tmp_path, data_dir, monkeypatch):
     """--trt --precision int8: the TensorRT Q/DQ graph is calibrated on the bundle's data, judged on ORT CPU
     and printed, and it is what the (here fake) TensorRT parser receives, strongly typed on TRT 11."""
-    import onnx
 
     from lrdeploy.bundle import save_bundle
     from lrdeploy.exporters.lint import trt_qdq_findings
@@ -128,7 +127,7 @@ def test_trt_int8_builds_from_a_symmetric_qdq_graph(tmp_path, data_dir, monkeypa
     text = " ".join(r.output.split())
     assert r.exit_code == 2 and "failed to build an engine from m.int8.trt.onnx" in text  # the fake's build
     assert "(int8-static-qdq)" in text and "(int8-trt-qdq)" in text and text.count("PASS") == 2
-    qdq = onnx.load(str(out.with_suffix(".int8.trt.onnx")))
+    assert not list(tmp_path.glob("m.*")), "a failed build writes nothing of the export family"
+    (qdq,) = fake.parsed  # what TensorRT's parser received: the symmetric Q/DQ graph
     assert trt_qdq_findings(qdq) == [] and any(n.op_type == "QuantizeLinear" for n in qdq.graph.node)
-    (parsed,) = fake.parsed
-    assert parsed.SerializeToString() == qdq.SerializeToString() and fake.network_flags == [1 << 5]
+    assert fake.network_flags == [1 << 5]

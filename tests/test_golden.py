@@ -109,13 +109,16 @@ def test_tampered_golden_is_refused(tmp_path):
 def test_save_replaces_only_golden_sets(tmp_path):
     x, w, y, _ = _arrays()
     g = save_golden(tmp_path / "g", x, y)
-    save_golden(g, x[:5], y[:5])  # a golden set is replaced in place
+    with pytest.raises(UserError, match="--force"):
+        save_golden(g, x[:5], y[:5])  # an existing golden set is replaced only when asked
+    assert load_golden(g).samples == len(x)
+    save_golden(g, x[:5], y[:5], force=True)
     assert load_golden(g).samples == 5
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    with pytest.raises(UserError, match="not a golden set"):
-        save_golden(mine, x, y)
+    with pytest.raises(UserError, match="not an lrdeploy golden set"):
+        save_golden(mine, x, y, force=True)
     assert (mine / "notes.txt").read_text() == "keep"
     with pytest.raises(UserError, match="samples"):
         save_golden(tmp_path / "bad", x, y[:3])
@@ -133,6 +136,21 @@ def test_check_golden_passes_identical_and_names_the_failing_statistic(tmp_path)
     off = check_golden(g, _Linear(w, noise=1e-3))  # 1e-3 relative: fine for fp16, not for fp32
     assert not off["passed"] and any(f.startswith("logits: rel_l2") for f in off["failures"])
     assert check_golden(g, _Linear(w, noise=1e-3), precision="fp16")["passed"]
+
+
+def test_check_golden_fails_nan_candidates_by_name_and_refuses_a_nan_reference(tmp_path):
+    x, w, y, labels = _arrays()
+    g = load_golden(save_golden(tmp_path / "g", x, {"logits": y}, labels=labels, precision="fp16"))
+    broken = w.copy()
+    broken[0, 0] = np.nan  # every sample's class-0 score becomes NaN
+    res = check_golden(g, _Linear(broken))
+    assert not res["passed"] and res["failures"][0] == "logits: outputs contain 40 NaN values (fp16)"
+    assert res["accuracy"]["candidate"] < 1.0  # NaN rows count as wrong, whatever arg-max makes of them
+    y_nan = y.copy()
+    y_nan[3, 1] = np.inf
+    bad = load_golden(save_golden(tmp_path / "bad", x, {"logits": y_nan}, precision="fp16"))
+    with pytest.raises(UserError, match="reference output 'logits' contains 1 Inf value, so it cannot"):
+        check_golden(bad, _Linear(w))
 
 
 # --- the CLI path ------------------------------------------------------------------------------------------
