@@ -54,6 +54,8 @@ OUTPUT_NAME = "output"
 META_MANIFEST = "lrdeploy.manifest"
 META_VERSION = "lrdeploy.version"
 META_EXPORT = "lrdeploy.export"
+META_MANIFEST_SHA256 = "lrdeploy.manifest_sha256"  # sha256 of the META_MANIFEST text: an edit is detected
+META_EXPORT_SHA256 = "lrdeploy.export_sha256"  # the same for META_EXPORT
 OPTIMIZED_SUFFIX = ".ort.onnx"
 _MAX_BATCH = 1 << 20
 _INVALID = "{path} is not a valid ONNX model (truncated or corrupt)"
@@ -294,7 +296,14 @@ def _examples(
 
 def _stamp(proto: onnx.ModelProto, manifest: Mapping[str, Any], export_info: Mapping[str, Any]) -> None:
     """Keep only each node's module path (``lrdeploy.scope``); drop the exporter's per-node debug metadata
-    (stack traces with the exporting machine's paths). Add ours to the model."""
+    (stack traces with the exporting machine's paths). Add ours to the model: the manifest (validated by the
+    schema every reader applies, so nothing is written that could not be read back), the export record, and
+    a sha256 of each text so that a hand-edit is refused on read."""
+    from lrdeploy.manifest_schema import text_digest, validate_manifest
+
+    manifest_text, export_text = json.dumps(manifest, sort_keys=True), json.dumps(export_info, sort_keys=True)
+    validate_manifest(json.loads(manifest_text), f"the ONNX metadata {META_MANIFEST!r} to stamp", onnx=True,
+                      hint="pass metadata that lrdeploy can read back (as in a bundle's manifest.json)")
     for node in proto.graph.node:
         scope = scope_from_torch_metadata(node)
         del node.metadata_props[:]
@@ -303,8 +312,10 @@ def _stamp(proto: onnx.ModelProto, manifest: Mapping[str, Any], export_info: Map
     props = {p.key: p.value for p in proto.metadata_props}
     props.update({
         META_VERSION: __version__,
-        META_MANIFEST: json.dumps(manifest, sort_keys=True),
-        META_EXPORT: json.dumps(export_info, sort_keys=True),
+        META_MANIFEST: manifest_text,
+        META_MANIFEST_SHA256: text_digest(manifest_text),
+        META_EXPORT: export_text,
+        META_EXPORT_SHA256: text_digest(export_text),
     })
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, props)
@@ -473,25 +484,56 @@ def onnx_metadata_props(path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The bundle manifest stamped into an ONNX file by ``export_onnx`` ({} for a file we did not write)."""
-    raw = onnx_metadata_props(path).get(META_MANIFEST)
+def _read_stamp(path: str | os.PathLike, key: str, digest_key: str) -> tuple[dict[str, Any] | None, bool]:
+    """One JSON stamp of ours from metadata_props, parsed (depth/size-safe) into a JSON object, and whether
+    its text fails its stamped digest; None when the file carries neither (a user's own ONNX file)."""
+    from lrdeploy.manifest_schema import ONNX_HINT, parse_json, text_digest
+
+    props = onnx_metadata_props(path)
+    raw, digest = props.get(key), props.get(digest_key)
+    source = f"{path}: metadata {key!r}"
     if raw is None:
+        if digest is None:
+            return None, False
+        raise UserError(f"{source} was removed: the file was tampered or hand-edited (its {digest_key!r} "
+                        "remains)", "re-export the model with lrdeploy export")
+    value = parse_json(raw, source, ONNX_HINT)
+    if not isinstance(value, dict):
+        raise UserError(f"{source} is not a JSON object", ONNX_HINT)
+    return value, digest is not None and digest != text_digest(raw)
+
+
+def _tampered(path: str | os.PathLike, key: str, digest_key: str) -> UserError:
+    return UserError(f"{path}: metadata {key!r} was tampered or hand-edited: its checksum ({digest_key!r}) "
+                     "does not match its text", "re-export the model with lrdeploy export")
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The bundle manifest stamped into an ONNX file by ``export_onnx`` ({} for a file we did not write).
+
+    Validated by the bundle's schema (:mod:`lrdeploy.manifest_schema`) and checked against its stamped
+    sha256 when there is one (files exported before the digest existed are only validated).
+    """
+    from lrdeploy.manifest_schema import validate_manifest
+
+    manifest, tampered = _read_stamp(path, META_MANIFEST, META_MANIFEST_SHA256)
+    if manifest is None:
         return {}
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise UserError(f"{path}: metadata {META_MANIFEST!r} is not valid JSON", "re-export it") from exc
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: metadata {META_MANIFEST!r} is not a JSON object", "re-export it")
+    # the schema first: it names the broken value when an edit broke one; the digest catches the rest
+    validate_manifest(manifest, f"{path}: metadata {META_MANIFEST!r}", onnx=True)
+    if tampered:
+        raise _tampered(path, META_MANIFEST, META_MANIFEST_SHA256)
     return manifest
 
 
 def read_export_info(path: str | os.PathLike) -> dict[str, Any]:
     """How the file was exported (exporter, opset, input_shape, dynamic_batch, ...); {} if not ours."""
-    raw = onnx_metadata_props(path).get(META_EXPORT)
-    try:
-        info = json.loads(raw) if raw else {}
-    except ValueError:
+    from lrdeploy.manifest_schema import EXPORT_INFO_SPEC, ONNX_HINT, validate
+
+    info, tampered = _read_stamp(path, META_EXPORT, META_EXPORT_SHA256)
+    if info is None:
         return {}
-    return info if isinstance(info, dict) else {}
+    validate(info, EXPORT_INFO_SPEC, f"{path}: metadata {META_EXPORT!r}", ONNX_HINT)
+    if tampered:
+        raise _tampered(path, META_EXPORT, META_EXPORT_SHA256)
+    return info

@@ -32,7 +32,7 @@ def _lenet_onnx(tmp_path) -> str:
     torch.manual_seed(0)
     path = tmp_path / "lenet.onnx"
     export_onnx(create_model("lenet5").eval(), path, input_shape=(1, 28, 28), exporter="legacy",
-                optimize=False, metadata={"model": "lenet5"})
+                optimize=False, metadata={"model": {"name": "lenet5"}})
     return str(path)
 
 
@@ -44,7 +44,7 @@ def test_presets_keep_parity_and_report_nodes(tmp_path, preset):
     assert dst.is_file() and res.preset == preset
     assert res.nodes_before == len(onnx.load(src).graph.node)
     assert res.nodes_after == len(onnx.load(str(dst)).graph.node)
-    assert read_onnx_metadata(dst) == {"model": "lenet5"}  # the manifest survives the rewrite
+    assert read_onnx_metadata(dst) == {"model": {"name": "lenet5"}}  # the manifest survives the rewrite
     feeds = random_feeds(onnx.load(src), batch=5, seed=7)
     assert worst_rel_l2(run_graph(onnx.load(src).SerializeToString(), feeds),
                         run_graph(dst.read_bytes(), feeds)) < 1e-5
@@ -118,7 +118,7 @@ def lenet_dynamo(tmp_path_factory) -> str:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("lenet") / "lenet.onnx"
     export_onnx(create_model("lenet5").eval(), path, input_shape=(1, 28, 28), exporter="dynamo", opset=20,
-                optimize=False, metadata={"model": "lenet5"})
+                optimize=False, metadata={"model": {"name": "lenet5"}})
     return str(path)
 
 
@@ -145,7 +145,7 @@ def test_slim_runs_on_an_exported_lenet(tmp_path, lenet_dynamo, preset):
     # the dynamo graph is already minimal: onnxslim ran, found nothing, and the graph before it was kept
     assert (slim.name, slim.outcome, slim.applied) == ("onnxslim", "unchanged", False)
     assert "nothing to simplify" in slim.reason and slim.nodes_after == slim.nodes_before == 12
-    assert read_onnx_metadata(dst) == {"model": "lenet5"}
+    assert read_onnx_metadata(dst) == {"model": {"name": "lenet5"}}
     assert io_signature(onnx.load(str(dst))) == io_signature(onnx.load(lenet_dynamo))  # batch still symbolic
     _same_outputs_at_two_batches(lenet_dynamo, dst)
     assert [s["outcome"] for s in _steps_in_file(dst)] == ["unchanged", "applied"]
@@ -163,7 +163,7 @@ def _redundant_graph(path) -> None:
     graph = h.make_graph(nodes, "redundant", [h.make_tensor_value_info("x", tp.FLOAT, ["batch", 4])],
                          [h.make_tensor_value_info("y", tp.FLOAT, ["batch", 3])], inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 20)], ir_version=10)
-    h.set_model_props(model, {"lrdeploy.manifest": json.dumps({"model": "toy"})})
+    h.set_model_props(model, {"lrdeploy.manifest": json.dumps({"model": {"name": "toy"}})})
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
 
@@ -179,7 +179,7 @@ def test_slim_removes_redundant_nodes_and_records_the_delta(tmp_path):
     assert slim.initializers_delta == -3  # b1, b2 (3 each) -> one folded bias (3)
     assert slim.parity_rel_l2 is not None and slim.parity_rel_l2 < 1e-5 and slim.checker == "full"
     assert res.steps[1].name == "ort-basic" and res.portable
-    assert read_onnx_metadata(dst) == {"model": "toy"}
+    assert read_onnx_metadata(dst) == {"model": {"name": "toy"}}
     assert io_signature(onnx.load(str(dst)))["input x"] == (onnx.TensorProto.FLOAT, ("batch", 4))
     _same_outputs_at_two_batches(src, dst)
     assert _steps_in_file(dst)[0]["op_delta"] == {"Add": -1, "Identity": -1}
