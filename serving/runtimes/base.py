@@ -7,9 +7,11 @@ does not record this cannot be reproduced or trusted (ORT-GPU silently falls bac
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -101,18 +103,48 @@ def _proc_status_bytes(*keys: str) -> dict[str, int]:
     return out
 
 
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not allowed.
+# How far VmHWM may sit above VmRSS right after a reset and still count as reset: the two are read together,
+# but the interpreter may free a little between the write and the read.
+_RESET_SLACK_BYTES = 1 << 20
+
+
+def _reset_rss_peak() -> str | None:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; None if done, else why not.
 
     Writing "5" to /proc/self/clear_refs (Linux >= 4.0) only resets the peak counter: it does not touch
-    page reference bits, so it costs nothing and changes no later behaviour.
+    page reference bits, so it costs nothing and changes no later behaviour. A successful write is not
+    trusted: some kernels and sandboxes accept it and change nothing, so VmHWM is read back and must have
+    come down to VmRSS (within ``_RESET_SLACK_BYTES``). Either way a peak read later is exact: VmHWM at or
+    near the current RSS is what a reset would have left.
     """
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
-    except OSError:
-        return False
+    except OSError as exc:
+        return f"cannot reset VmHWM via /proc/self/clear_refs ({exc.strerror or exc})"
+    status = _proc_status_bytes("VmRSS", "VmHWM")
+    if "VmHWM" not in status or "VmRSS" not in status:
+        return "no VmHWM/VmRSS in /proc/self/status"
+    if status["VmHWM"] > status["VmRSS"] + _RESET_SLACK_BYTES:
+        return (f"writing 5 to /proc/self/clear_refs did not reset VmHWM ({status['VmHWM']} bytes stayed "
+                f"above VmRSS {status['VmRSS']})")
+    return None
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside a memory window.
+
+    A collection that runs there frees what earlier code left behind (a test suite's dead models), so RSS
+    first drops and the window's own peak is hidden: a 64 MiB transient measured as a 6 MiB delta.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _ru_maxrss_bytes() -> int:
@@ -138,9 +170,11 @@ def measure_memory(fn: Callable[[], Any], *, runs: int = 1, cuda_device: int | N
 
     What is measured, and its limits:
     - ``rss_peak_delta_bytes``: host resident-set peak minus the RSS at the start. On Linux the kernel's
-      peak counter is reset first (``rss_method="VmHWM"``), so the number is exact for this window. Where
-      that is not possible it falls back to ``getrusage`` (``rss_method="ru_maxrss"``), a lifetime peak:
-      the delta is then a lower bound, 0 unless this window set a new peak for the whole process.
+      peak counter is reset first and the reset read back (``rss_method="VmHWM"``), so the number is exact
+      for this window. Where that is not possible (``rss_reset_error`` says why) it falls back to
+      ``getrusage`` (``rss_method="ru_maxrss"``), a lifetime peak: the delta is then a lower bound, 0
+      unless this window set a new peak for the whole process. The cyclic GC is paused in the window, so
+      garbage left by earlier code cannot be freed there and mask the peak (``fn``'s own frees still count).
     - ``cuda_peak_delta_bytes``: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the
       start (the peak counter is reset: process-wide, so do not measure two things at once). Only
       allocations made through torch's caching allocator are counted: torch runtimes and the buffers the
@@ -160,16 +194,17 @@ def measure_memory(fn: Callable[[], Any], *, runs: int = 1, cuda_device: int | N
         free, total = torch.cuda.mem_get_info(cuda_device)
         used_before = total - free
 
-    exact = _reset_rss_peak()
-    rss_before = _proc_status_bytes("VmRSS").get("VmRSS")
-    maxrss_before = _ru_maxrss_bytes()
-    for _ in range(runs):
-        fn()
-    if torch is not None:
-        torch.cuda.synchronize(cuda_device)
-    status = _proc_status_bytes("VmRSS", "VmHWM")
+    with _cyclic_gc_paused():
+        reset_error = _reset_rss_peak()
+        rss_before = _proc_status_bytes("VmRSS").get("VmRSS")
+        maxrss_before = _ru_maxrss_bytes()
+        for _ in range(runs):
+            fn()
+        if torch is not None:
+            torch.cuda.synchronize(cuda_device)
+        status = _proc_status_bytes("VmRSS", "VmHWM")
 
-    if exact and "VmHWM" in status and rss_before is not None:
+    if reset_error is None and "VmHWM" in status and rss_before is not None:
         method, peak = "VmHWM", status["VmHWM"]
         delta = max(0, peak - rss_before)
     else:
@@ -178,6 +213,7 @@ def measure_memory(fn: Callable[[], Any], *, runs: int = 1, cuda_device: int | N
     out: dict[str, Any] = {
         "runs": runs,
         "rss_method": method,
+        "rss_reset_error": reset_error,
         "rss_before_bytes": rss_before,
         "rss_peak_bytes": peak,
         "rss_after_bytes": status.get("VmRSS"),
