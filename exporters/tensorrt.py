@@ -84,6 +84,20 @@ class BuildResult:
 
 
 # ------------------------------------------------------------------------------------------------ profile
+def batch_range(min_batch: int = 1, opt_batch: int | None = None, max_batch: int | None = None
+                ) -> tuple[int, int, int]:
+    """``(min, opt, max)`` batch of the profile with the defaults filled in (max: 32 or above the others;
+    opt: max); a UserError unless ``1 <= min <= opt <= max``. Pure, so the CLI checks it before any work."""
+    if max_batch is None:
+        max_batch = max(DEFAULT_MAX_BATCH, min_batch, opt_batch or 0)
+    if opt_batch is None:
+        opt_batch = max_batch
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise UserError(f"batch range must satisfy 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max "
+                        f"({max_batch})", hint="fix --min-batch/--opt-batch/--max-batch")
+    return min_batch, opt_batch, max_batch
+
+
 def derive_profile(
     onnx_model: onnx.ModelProto | str | os.PathLike,
     min_batch: int = 1,
@@ -100,13 +114,7 @@ def derive_profile(
     """
     model, _ = load_model(onnx_model)
     shapes = dict(shapes or {})
-    if max_batch is None:
-        max_batch = max(DEFAULT_MAX_BATCH, min_batch, opt_batch or 0)
-    if opt_batch is None:
-        opt_batch = max_batch
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise UserError(f"batch range must satisfy 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max "
-                        f"({max_batch})", hint="fix --min-batch/--opt-batch/--max-batch")
+    min_batch, opt_batch, max_batch = batch_range(min_batch, opt_batch, max_batch)
     inputs = graph_inputs(model)
     names = {i.name for i in inputs}
     unknown = sorted(set(shapes) - names)

@@ -43,7 +43,14 @@ import torch
 
 from lrdeploy import atomic
 from lrdeploy.data.checksum import is_verified, mark_verified
-from lrdeploy.data.datasets import ArrayDataset, ReaderSpec, default_cache_dir, register_reader
+from lrdeploy.data.datasets import (
+    ArrayDataset,
+    ReaderSpec,
+    default_cache_dir,
+    download_wanted,
+    register_reader,
+    where_not,
+)
 from lrdeploy.data.download import _fetch
 from lrdeploy.errors import UserError
 
@@ -268,7 +275,7 @@ def _missing_error(root: Path, split: str, formats: Sequence[str]) -> UserError:
     if root.is_dir():
         looked = ", ".join(dict.fromkeys(str(f) for _, f in _candidates(root, formats) if f.is_dir()))
     else:
-        looked = f"{root} (does not exist)"
+        looked = f"{root} ({where_not(root)})"
     wanted = " or ".join(
         f"{FORMATS[fmt][0]}/{{{','.join(p.name for p in _files(fmt, Path(), split))}}}" for fmt in formats
     )
@@ -289,7 +296,7 @@ def resolve_cifar10_dir(
     explicit = data_dir if data_dir is not None else os.environ.get("LRDEPLOY_DATA") or None
     root = Path(explicit).expanduser() if explicit is not None else default_cache_dir()
     found = find_cifar10_dir(root, split, formats)
-    if found is None and download:
+    if found is None and download_wanted(download):
         download_cifar10(root)
         found = find_cifar10_dir(root, split, formats)
     if found is None:

@@ -15,9 +15,11 @@ already extracted. Every file is verified against the sha256 of its decompressed
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,25 @@ from lrdeploy.errors import UserError
 
 SPLITS = ("train", "test")
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+
+# `--download`: the CLI allows downloads for one command; loaders deep in the workflows honour it without a
+# ``download`` argument threaded through every call. Off unless asked: nothing is fetched by surprise.
+_DOWNLOADS: ContextVar[bool] = ContextVar("lrdeploy_downloads", default=False)
+
+
+@contextlib.contextmanager
+def downloads_allowed(enabled: bool = True) -> Iterator[None]:
+    """Within the block, loaders fetch missing dataset files (checksum-verified) as if ``download=True``."""
+    token = _DOWNLOADS.set(enabled)
+    try:
+        yield
+    finally:
+        _DOWNLOADS.reset(token)
+
+
+def download_wanted(download: bool) -> bool:
+    """``download`` or the scope of :func:`downloads_allowed`."""
+    return download or _DOWNLOADS.get()
 
 
 @dataclass(frozen=True)
@@ -241,7 +262,7 @@ def _missing_error(spec: DatasetSpec, roots: list[Path], split: str) -> UserErro
         if root.is_dir():
             looked += [str(c) for c in _candidates(spec, root) if c.is_dir()]
         else:
-            looked.append(f"{root} (does not exist)")
+            looked.append(f"{root} ({where_not(root)})")
     return UserError(
         f"{spec.title} {split} files not found in {', '.join(looked)}: expected {names} (.gz or extracted)",
         hint=f"pass --data-dir DIR (a folder holding {spec.folder}/ or the files themselves) or set "
@@ -249,11 +270,19 @@ def _missing_error(spec: DatasetSpec, roots: list[Path], split: str) -> UserErro
     )
 
 
+def where_not(root: Path) -> str:
+    """Why ``root`` (not a directory) was not looked in: a file is not "missing"."""
+    if root.exists():
+        return "a file, not a directory"
+    return "a broken symbolic link" if root.is_symlink() else "does not exist"
+
+
 def resolve_dataset_dir(
     name: str, split: str = "train", data_dir: str | os.PathLike | None = None, download: bool = False
 ) -> Path:
     """The folder holding ``name``'s ``split`` files, following the order in the module docstring."""
     spec = get_dataset_spec(name)
+    download = download_wanted(download)
     explicit = data_dir if data_dir is not None else os.environ.get("LRDEPLOY_DATA") or None
     if explicit is not None:
         root = Path(explicit).expanduser()

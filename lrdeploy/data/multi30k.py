@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lrdeploy.data.checksum import read_verified
-from lrdeploy.data.datasets import FileSpec, default_cache_dir
+from lrdeploy.data.datasets import FileSpec, default_cache_dir, download_wanted, where_not
 from lrdeploy.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, WordTokenizer
 from lrdeploy.errors import UserError
 
@@ -141,7 +141,7 @@ def _missing_error(spec: TranslationSpec, root: Path, split: str) -> UserError:
     if root.is_dir():
         looked = ", ".join(str(c) for c in _candidates(spec, root) if c.is_dir())
     else:
-        looked = f"{root} (does not exist)"
+        looked = f"{root} ({where_not(root)})"
     return UserError(
         f"{spec.title} {split} files not found in {looked}: expected {names} (.gz or extracted)",
         hint=f"pass --data-dir DIR (a folder holding {spec.folder}/ or the files themselves) or set "
@@ -161,7 +161,7 @@ def resolve_translation_dir(
     explicit = data_dir if data_dir is not None else os.environ.get("LRDEPLOY_DATA") or None
     root = Path(explicit).expanduser() if explicit is not None else default_cache_dir()
     found = _find(spec, root, split)
-    if found is None and download:
+    if found is None and download_wanted(download):
         return download_translation(spec.name, root)
     if found is None:
         raise _missing_error(spec, root, split)
