@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -174,6 +175,47 @@ def _export_legacy(
     return onnx.load_from_string(buf.getvalue())
 
 
+# Oldest opset accepted: per-channel QuantizeLinear/DequantizeLinear (``axis``, used by --precision int8)
+# exist from opset 13; the dynamo exporter implements nothing older than 18 (it converts down, and keeps 18
+# where that fails, which export records).
+MIN_OPSET = 13
+
+
+def supported_opsets(exporter: str = "auto") -> tuple[int, int]:
+    """(lowest, highest) opset the installed exporter and onnx can write.
+
+    dynamo: up to onnx's newest opset (its version converter's limit; beyond it the exporter prints a
+    traceback and silently keeps opset 18). legacy (TorchScript): up to torch's ``ONNX_MAX_OPSET``. "auto"
+    tries dynamo first, so its range is dynamo's.
+    """
+    newest = int(onnx.defs.onnx_opset_version())
+    if exporter != "legacy":
+        return MIN_OPSET, newest
+    try:
+        from torch.onnx import _constants
+
+        legacy_max = int(_constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):  # a private module: fall back to the documented TorchScript limit
+        legacy_max = 20
+    return MIN_OPSET, min(newest, legacy_max)
+
+
+def check_opset(opset: Any, exporter: str = "auto") -> int:
+    """``opset`` if the installed exporter can write it, else a UserError naming the supported range."""
+    lo, hi = supported_opsets(exporter)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not lo <= opset <= hi:
+        which = "the torch exporters" if exporter == "auto" else f"the {exporter} exporter"
+        raise UserError(f"--opset {opset!r} is not supported: {which} (torch {torch.__version__}) and onnx "
+                        f"{onnx.__version__} write opsets {lo}-{hi}", f"pass --opset between {lo} and {hi}")
+    return opset
+
+
+def written_opset(proto: onnx.ModelProto) -> int | None:
+    """The default-domain opset a graph actually imports (what a runtime will see), None if none."""
+    versions = [int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    return max(versions) if versions else None
+
+
 def torch_to_onnx(
     model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], *, exporter: str, opset: int,
     dynamic_batch: bool = True,
@@ -210,10 +252,15 @@ def ort_session(model: bytes | str | os.PathLike, level: str = "ORT_ENABLE_ALL",
 
 
 def rel_l2(candidate: np.ndarray, reference: np.ndarray) -> float:
-    """‖c − r‖ / ‖r‖ in float64, safe for an all-zero reference."""
+    """‖c − r‖ / ‖r‖ in float64, safe for an all-zero reference; ``inf`` when either side holds a NaN/Inf.
+
+    Never NaN: a NaN compares false with everything, so ``max(worst, nan)`` keeps ``worst`` (a broken output
+    would vanish from the worst case) and ``nan < tol`` depends on how the caller wrote the test. ``inf`` is
+    the worst value under every ordering; callers that must name the NaN/Inf counts check them themselves.
+    """
     c, r = np.asarray(candidate, np.float64), np.asarray(reference, np.float64)
-    if c.shape != r.shape:
-        return float("inf")
+    if c.shape != r.shape or not (np.isfinite(c).all() and np.isfinite(r).all()):
+        return math.inf
     denom = float(np.linalg.norm(r))
     num = float(np.linalg.norm(c - r))
     return num / denom if denom > 0 else num
@@ -225,7 +272,12 @@ def _parity(
     inputs: Sequence[torch.Tensor | tuple[torch.Tensor, ...]],
 ) -> float:
     """Worst rel-L2 of the session's first output against ``model`` over ``inputs`` (tensors, or tuples of
-    tensors in ``forward`` order, fed to the session's inputs by position)."""
+    tensors in ``forward`` order, fed to the session's inputs by position).
+
+    Non-finite outputs are a named UserError, never a number: NaN/Inf in PyTorch's output means the model
+    itself is broken (NaN weights from a diverged run), which no export can fix; NaN/Inf only in ONNX
+    Runtime's output is an export bug. Either way nothing may be written.
+    """
     worst = 0.0
     names = [i.name for i in session.get_inputs()]
     param = next(model.parameters(), None)
@@ -235,8 +287,27 @@ def _parity(
         with torch.inference_mode():
             ref = model(*(p.to(device) for p in parts)).detach().float().cpu().numpy()
         out = session.run(None, {n: p.cpu().numpy() for n, p in zip(names, parts, strict=True)})[0]
-        worst = max(worst, rel_l2(out, ref))
+        _check_finite(ref, out, [tuple(p.shape) for p in parts])
+        err = rel_l2(out, ref)
+        worst = float(np.maximum(worst, err))  # NaN-propagating, unlike max(): order cannot hide one
     return worst
+
+
+def _check_finite(ref: np.ndarray, out: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> None:
+    """UserError naming the NaN/Inf counts of the PyTorch (``ref``) or ONNX Runtime (``out``) output."""
+    from lrdeploy.parity_stats import describe_nonfinite, nonfinite_counts
+
+    on = f"on random inputs of shape {', '.join(str(s) for s in shapes)}"
+    nan, inf = nonfinite_counts(ref)
+    if nan or inf:
+        raise UserError(f"the model's PyTorch outputs contain {describe_nonfinite(nan, inf)} {on}",
+                        "its weights are broken (NaN/Inf, e.g. a diverged training run): retrain with a "
+                        "lower --lr or check the checkpoint; nothing was written")
+    nan, inf = nonfinite_counts(out)
+    if nan or inf:
+        raise UserError(f"ONNX Runtime outputs contain {describe_nonfinite(nan, inf)} {on} where PyTorch's "
+                        f"are finite", "this is a bug in the export path; try exporter='legacy' and please "
+                        "report it; nothing was written")
 
 
 # --- export ---
@@ -373,6 +444,7 @@ def export_onnx(
 
     if exporter not in ("auto", *EXPORTERS):
         raise UserError(f"unknown exporter {exporter!r}", f"use auto, {', '.join(EXPORTERS)}")
+    check_opset(opset, exporter)
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory", "pass the path of the .onnx file to write")
@@ -407,9 +479,10 @@ def export_onnx(
             raise UserError(f"torch.onnx export failed ({'; '.join(failures)})",
                             "try --opset 18 or the other exporter; unsupported ops must be rewritten")
         used = name
+        written = written_opset(proto) or opset  # dynamo keeps 18 where it cannot convert down: record truth
         in_names, out_names, axes = _graph_io(folded, len(example))
         export_info: dict[str, Any] = {
-            "exporter": used, "opset": opset,
+            "exporter": used, "opset": written,
             "input_shape": list(input_shape) if input_shape is not None else None,
             "dynamic_batch": dynamic_batch, "fold": "factored", "input_name": in_names[0],
             "output_name": out_names[0], "torch_version": torch.__version__,
@@ -423,6 +496,8 @@ def export_onnx(
             export_info["output_names"] = out_names
         if failures:  # "auto" fell back: say why, in the file itself
             export_info["fallback_from"] = failures
+        if written != opset:
+            export_info["opset_requested"] = opset
         _stamp(proto, manifest, export_info)
         try:
             onnx.checker.check_model(proto, full_check=True)
@@ -437,7 +512,7 @@ def export_onnx(
         if optimize:
             opt_data = _ort_optimise(data)
             opt_nodes = len(onnx.load_from_string(opt_data).graph.node)
-            parity = max(parity, _parity(ort_session(opt_data), model, inputs))
+            parity = float(np.maximum(parity, _parity(ort_session(opt_data), model, inputs)))
     finally:
         model.train(was_training)
     if not parity < PARITY_RTOL:  # also catches NaN
@@ -452,7 +527,7 @@ def export_onnx(
     else:
         _remove_stale_sibling(optimized_path_for(path))
     return ExportResult(
-        path=path, optimized_path=opt_path, exporter=used, opset=opset, nodes=len(proto.graph.node),
+        path=path, optimized_path=opt_path, exporter=used, opset=written, nodes=len(proto.graph.node),
         seconds=seconds, parity_rel_l2=parity, optimized_nodes=opt_nodes,
     )
 

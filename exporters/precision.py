@@ -35,6 +35,13 @@ int8, three methods (baseline.md §5), picked by ``model_kind``:
   judged on the CPU (int8 preset) before any GPU build.
 
 ``model_kind="auto"`` picks ``static`` when the graph has Conv nodes, else ``dynamic``; the result records it.
+
+Speed: a variant can pass parity and still be slower than fp32 on the CPU it was made on (static QDQ int8
+of LeNet-5 measured 2.2-2.4× slower than fp32 at batch 1 with ORT 1.32 on this project's 2-core build
+machine; issue 9 saw 2.4-3.8×). So every variant ORT can run is also timed against its fp32 graph in the
+same run, interleaved A/B at batch 1 for about :data:`SPEED_BUDGET_S` (:func:`time_vs_fp32`), and
+``speed_vs_fp32`` (fp32 latency / variant latency: below 1 is slower) is recorded. It informs; it never
+fails a variant.
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ from lrdeploy.exporters.optimize import (
     random_feeds,
 )
 from lrdeploy.parity_stats import accuracy as top1_accuracy
-from lrdeploy.parity_stats import judge, output_parity
+from lrdeploy.parity_stats import describe_nonfinite, judge, nonfinite_counts, output_parity
 
 PRECISIONS = ("fp16", "bf16", "int8")
 MODEL_KINDS = ("auto", "dynamic", "static", "trt")
@@ -83,6 +90,12 @@ REFERENCE_MAX_EXAMPLES = 256
 REFERENCE_MIN_EXAMPLES = 16
 REFERENCE_MAX_PARAMS = 64_000_000
 JUDGED_BY_ORT = "onnxruntime-cpu"
+# A/B timing of a variant against fp32 (batch 1): about this many seconds, at least SPEED_MIN_ROUNDS rounds
+# (each round one block of each model, order alternating) unless that would take 3× the budget.
+SPEED_BUDGET_S = 1.0
+SPEED_MIN_ROUNDS = 5
+SPEED_BLOCK_S = 0.02  # calls per block are sized to about this long, so timer resolution does not matter
+SPEED_SAME = 1.25  # within this factor either way: "as fast as fp32" (A-vs-A runs here read up to 1.14)
 META_PRECISION = "lrdeploy.precision"
 
 
@@ -106,6 +119,8 @@ class PrecisionResult:
     compared_examples: int = 0
     notes: list[str] = field(default_factory=list)
     size_bytes: dict[str, int] = field(default_factory=dict)
+    speed_vs_fp32: float | None = None  # fp32 latency / variant latency at batch 1 here (< 1: slower)
+    timing: dict[str, Any] = field(default_factory=dict)  # how speed_vs_fp32 was measured, or why not
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -453,6 +468,17 @@ def _judge_outputs(
     return parity, acc, failures
 
 
+def _check_reference_finite(ref_out: Sequence[np.ndarray]) -> None:
+    """NaN/Inf in the fp32 graph's own outputs: nothing can be judged against it, so a UserError."""
+    for i, out in enumerate(ref_out):
+        nan, inf = nonfinite_counts(out)
+        if nan or inf:
+            which = "" if len(ref_out) == 1 else f" (output {i})"
+            raise UserError(f"the fp32 graph's outputs{which} contain {describe_nonfinite(nan, inf)} on the "
+                            "comparison data, so it cannot judge a variant",
+                            "re-export from a model whose weights are finite")
+
+
 def _evaluate(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: Mapping[str, np.ndarray], precision: str,
               labels: np.ndarray | None, max_accuracy_drop: float | None, batch_size: int) -> _Verdict:
     """Run both graphs on ``feeds`` (the variant on the examples its runner could afford) and judge."""
@@ -461,6 +487,7 @@ def _evaluate(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: Mapping[str, n
         return _Verdict({"precision": precision, "status": judged_by}, None, [], None, judged_by, 0)
     n = len(cand_out[0])
     ref_out = _run_all(ref.SerializeToString(), {k: v[:n] for k, v in feeds.items()}, batch_size)
+    _check_reference_finite(ref_out)
     y = None if labels is None else np.asarray(labels)[:n]
     parity, acc, failures = _judge_outputs(ref_out, cand_out, precision, y, max_accuracy_drop)
     return _Verdict(parity, acc, failures, not failures, judged_by, n)
@@ -486,6 +513,74 @@ def evaluate_variant(
     v = _evaluate(ref, cand, _as_feeds(ref, x), precision, y, max_accuracy_drop, batch_size)
     return {"parity": v.parity, "accuracy": v.accuracy, "failures": v.failures, "passed": v.passed,
             "judged_by": v.judged_by, "examples": v.examples}
+
+
+def time_vs_fp32(fp32: bytes, variant: bytes, feeds: Mapping[str, np.ndarray], *,
+                 budget_s: float = SPEED_BUDGET_S, threads: int | None = None) -> dict[str, Any]:
+    """Interleaved A/B latency of ``variant`` against ``fp32`` at batch 1 in ONNX Runtime CPU.
+
+    Sessions are built as the serving runtimes build them (:func:`lrdeploy.host.session_options`: every
+    usable CPU unless ``threads``); the first example of ``feeds`` is the input. Each round times one block
+    of calls of each model, the order alternating between rounds, so drift (frequency, a neighbour's load)
+    hits both; the per-round ratio's median is the answer. Returns ``{"speed_vs_fp32": fp32_ms /
+    variant_ms, "fp32_ms", "variant_ms", "batch": 1, "threads", "rounds", "calls_per_block", "seconds"}``, or
+    ``{"speed_vs_fp32": None, "status": "not run: <why>"}``. Takes about ``budget_s`` seconds (at least
+    :data:`SPEED_MIN_ROUNDS` rounds unless that takes 3× as long; always one).
+    """
+    import onnxruntime as ort
+
+    from lrdeploy.host import resolve_threads, session_options
+
+    n_threads = resolve_threads(threads)
+    one = {k: np.ascontiguousarray(np.asarray(v)[:1]) for k, v in feeds.items()}
+    start = time.perf_counter()
+    try:
+        sessions = [ort.InferenceSession(data, session_options(n_threads), providers=["CPUExecutionProvider"])
+                    for data in (fp32, variant)]
+        estimate = 0.0
+        for session in sessions:  # warm-up (allocation, kernel choice), then a few calls to size the blocks
+            session.run(None, one)
+            t0, n = time.perf_counter(), 0
+            while n < 3 or (n < 50 and time.perf_counter() - t0 < SPEED_BLOCK_S / 4):
+                session.run(None, one)
+                n += 1
+            estimate = max(estimate, (time.perf_counter() - t0) / n)
+        calls = max(1, min(1000, int(SPEED_BLOCK_S / max(estimate, 1e-7))))
+        blocks: tuple[list[float], list[float]] = ([], [])
+        rounds = 0
+        while True:
+            elapsed = time.perf_counter() - start
+            if rounds and elapsed >= budget_s and (rounds >= SPEED_MIN_ROUNDS or elapsed >= 3 * budget_s):
+                break
+            order = (0, 1) if rounds % 2 == 0 else (1, 0)
+            for which in order:
+                session = sessions[which]
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    session.run(None, one)
+                blocks[which].append((time.perf_counter() - t0) / calls)
+            rounds += 1
+    except Exception as exc:  # a variant ORT cannot run was reported by the parity step already
+        return {"speed_vs_fp32": None, "status": f"not run: {_first_line(exc)}"}
+    ratio = float(np.median(np.asarray(blocks[1]) / np.asarray(blocks[0])))
+    return {"speed_vs_fp32": 1.0 / ratio if ratio > 0 else None, "fp32_ms": 1e3 * float(np.median(blocks[0])),
+            "variant_ms": 1e3 * float(np.median(blocks[1])), "batch": 1, "threads": n_threads,
+            "rounds": rounds, "calls_per_block": calls, "seconds": time.perf_counter() - start,
+            "measured_by": f"{JUDGED_BY_ORT}, interleaved A/B"}
+
+
+def describe_speed(speed_vs_fp32: float | None, timing: Mapping[str, Any] | None = None) -> str:
+    """``"2.9× SLOWER than fp32 on this CPU (measured b1)"``, ``"1.8× faster ..."``, ``"as fast as ..."``, or
+    "" when it was not measured; the CLI appends it to the variant's line."""
+    if speed_vs_fp32 is None or not speed_vs_fp32 > 0:
+        return ""
+    batch = (timing or {}).get("batch", 1)
+    where = f"on this CPU (measured b{batch})"
+    if speed_vs_fp32 < 1 / SPEED_SAME:
+        return f"{1 / speed_vs_fp32:.1f}× SLOWER than fp32 {where}"
+    if speed_vs_fp32 > SPEED_SAME:
+        return f"{speed_vs_fp32:.1f}× faster than fp32 {where}"
+    return f"as fast as fp32 {where}"
 
 
 def resolve_model_kind(proto: onnx.ModelProto, model_kind: str = "auto") -> str:
@@ -565,6 +660,7 @@ def convert_precision(
     strict: bool = False,
     per_channel: bool = True,
     batch_size: int = 64,
+    speed_budget_s: float | None = SPEED_BUDGET_S,
 ) -> PrecisionResult:
     """Write the ``precision`` variant of the fp32 graph ``src`` to ``dst`` and judge it (module docstring).
 
@@ -574,7 +670,8 @@ def convert_precision(
     any data the comparison runs on random inputs. A miss (tolerance preset of ``precision``, or an accuracy
     drop above ``max_accuracy_drop``) is reported in ``failures``; a variant that could not be run at all
     (bf16 beyond onnx.reference's budget) has ``passed`` None. ``strict=True`` raises a UserError in both
-    cases instead, and nothing is written.
+    cases instead, and nothing is written. ``speed_budget_s``: seconds of A/B timing against fp32 at batch 1
+    (:func:`time_vs_fp32`; ``speed_vs_fp32`` in the result), None or 0 to skip it.
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", f"choose one of: {', '.join(PRECISIONS)}")
@@ -597,6 +694,13 @@ def convert_precision(
         raise UserError(f"{conv.method} variant {verdict}: {why}",
                         "calibrate on more or more representative data, or keep fp32")
     out_data = out.SerializeToString()
+    if not speed_budget_s:
+        timing: dict[str, Any] = {"speed_vs_fp32": None, "status": "not run: switched off"}
+    elif v.judged_by != JUDGED_BY_ORT:
+        timing = {"speed_vs_fp32": None, "status": "not run: ONNX Runtime CPU cannot run this variant"}
+    else:
+        timing = time_vs_fp32(proto.SerializeToString(), out_data, _as_feeds(proto, data),
+                              budget_s=speed_budget_s)
     atomic.write_bytes(dst, out_data)
     calibrated = len(calibration) if calibration is not None and conv.kind in ("static", "trt") else 0
     return PrecisionResult(
@@ -606,4 +710,5 @@ def convert_precision(
         calibration_samples=calibrated,
         compared_on=compared_on, judged_by=v.judged_by, compared_examples=v.examples, notes=conv.notes,
         size_bytes={"fp32": proto.ByteSize(), precision: len(out_data)},
+        speed_vs_fp32=timing.pop("speed_vs_fp32"), timing=timing,
     )

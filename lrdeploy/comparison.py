@@ -181,7 +181,8 @@ def check_reference_finite(parity: dict[str, Any], what: str = "dense model") ->
 
 
 def nonfinite_budget_checks(parity: dict[str, Any]) -> list[dict[str, Any]]:
-    """The budget check every comparison carries: NaN/Inf in the candidate's outputs is a named miss.
+    """The budget check every comparison applies: NaN/Inf in the candidate's outputs is a named miss (no
+    entry when there are none, so a clean report lists only the user's budgets).
 
     The task metric alone would not catch it (an arg-max over NaN scores still gives a class), and the
     parity preset is only applied with ``--precision``.
@@ -190,10 +191,12 @@ def nonfinite_budget_checks(parity: dict[str, Any]) -> list[dict[str, Any]]:
 
     nonfinite = parity.get("nonfinite") or {}
     count = int(nonfinite.get("candidate") or 0)
+    if not count:
+        return []
     nan, inf = nonfinite.get("candidate_nan"), nonfinite.get("candidate_inf")
     split = nan is not None and inf is not None
     counts = describe_nonfinite(nan, inf) if split else f"{count} NaN/Inf values"
-    return [{"name": "non-finite candidate outputs", "limit": 0, "value": count, "passed": count == 0,
+    return [{"name": "non-finite candidate outputs", "limit": 0, "value": count, "passed": False,
              "message": f"candidate outputs contain {counts}"}]
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+import torch
 from torch import nn
 
 from lrdeploy.errors import UserError
@@ -106,6 +107,25 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """UserError naming the first parameter or buffer with NaN/Inf values (in module order).
+
+    SVD of a NaN matrix fails deep inside LAPACK with a traceback; fine-tuning or exporting such a model only
+    carries the NaN on. A model with non-finite weights is broken (usually a diverged training run).
+    """
+    from lrdeploy.parity_stats import describe_nonfinite
+
+    for kind, items in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in items:
+            if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+                continue
+            nan = int(torch.isnan(tensor).sum())
+            inf = int(torch.isinf(tensor).sum())
+            raise UserError(f"{kind} {name!r} contains {describe_nonfinite(nan, inf)} (of {tensor.numel()}): "
+                            "a model with non-finite weights cannot be compressed",
+                            "re-train the dense model (lower --lr) or use an earlier checkpoint")
+
+
 def compress(
     model: nn.Module,
     *,
@@ -136,6 +156,7 @@ def compress(
         raise UserError(f"min_saving must be in [0, 1), got {min_saving}", hint="pass e.g. 0.1 for 10 %")
     include_p = _as_patterns(include, "include")
     exclude_p = _as_patterns(exclude, "exclude")
+    check_finite_weights(model)  # before any layer is replaced: the model is changed in place
 
     report = CompressionReport(rank_ratio=rank_ratio, energy=energy, model_params_before=count_params(model))
     candidates = _candidates(model)

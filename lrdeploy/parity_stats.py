@@ -25,10 +25,16 @@ hides the one row that broke. So every output gets several views, and a per-prec
 - ``top1_agreement``: fraction of rows (last axis = classes) whose arg-max is unchanged;
   ``top5_agreement``: mean overlap of the top-5 class sets, ``|top5(ref) ∩ top5(cand)| / 5`` (None unless
   there are more than 5 classes: with exactly 5 the top-5 set is every class and agrees trivially);
-- ``nonfinite``: NaN/Inf counts; any in the candidate fails every preset (an overflowed fp16 output
-  otherwise shows up only as a NaN statistic, and NaN compares false with everything).
+- ``nonfinite``: NaN/Inf counts per side (``candidate``/``reference`` totals, ``candidate_nan``,
+  ``candidate_inf``, ...). Any in the candidate fails every preset, named ("outputs contain 12 NaN / 3 Inf
+  values"); any in the reference fails too (it cannot vouch for anything). Without this, an overflowed fp16
+  output or a model with NaN weights shows up only as a NaN statistic, and NaN compares false with
+  everything, so ``max``/``<`` give an answer that depends on the order of the operands.
 
 Statistics are taken over entries finite on both sides, in float64, so the statistic adds no rounding error.
+When no entry is finite on both sides nothing was compared: ``rel_l2``/``cosine`` are NaN (never the 0 / 1
+of two empty vectors), and a NaN statistic fails its limit. A row holding a non-finite value never counts as
+agreeing (top-k) or as correct (:func:`accuracy`).
 """
 
 from __future__ import annotations
@@ -152,6 +158,26 @@ def _stats(values: np.ndarray, suffix: str) -> dict[str, float]:
     }
 
 
+def nonfinite_counts(a: Any) -> tuple[int, int]:
+    """(NaN count, ±Inf count) of an array; (0, 0) for integer arrays."""
+    x = np.asarray(a)
+    if not np.issubdtype(x.dtype, np.inexact):
+        return 0, 0
+    return int(np.isnan(x).sum()), int(np.isinf(x).sum())
+
+
+def describe_nonfinite(nan: int, inf: int) -> str:
+    """``"12 NaN / 3 Inf values"`` (only the non-zero parts), the one wording every check uses."""
+    parts = [f"{n} {name}" for n, name in ((nan, "NaN"), (inf, "Inf")) if n]
+    return " / ".join(parts) + (" value" if nan + inf == 1 else " values")
+
+
+def _nonfinite_record(a: np.ndarray, b: np.ndarray) -> dict[str, int]:
+    (ra_nan, ra_inf), (cb_nan, cb_inf) = nonfinite_counts(a), nonfinite_counts(b)
+    return {"reference": ra_nan + ra_inf, "candidate": cb_nan + cb_inf, "reference_nan": ra_nan,
+            "reference_inf": ra_inf, "candidate_nan": cb_nan, "candidate_inf": cb_inf}
+
+
 def output_parity(ref: Any, cand: Any, *, rel_floor: float = REL_FLOOR) -> dict[str, Any]:
     """Compare two outputs of the same shape; see the module docstring for each statistic."""
     a, b = _as_float64(ref, "reference"), _as_float64(cand, "candidate")
@@ -182,6 +208,8 @@ def output_parity(ref: Any, cand: Any, *, rel_floor: float = REL_FLOOR) -> dict[
         cosine = float(np.clip(np.dot(fa, fb) / (norm_a * norm_b), -1.0, 1.0))
     else:
         cosine = 1.0 if norm_a == norm_b else 0.0
+    if fa.size == 0:  # no entry finite on both sides: nothing was compared, so no number may look good
+        rel_l2 = cosine = math.nan
     return {
         "shape": list(a.shape),
         "elements": int(a.size),
@@ -194,24 +222,33 @@ def output_parity(ref: Any, cand: Any, *, rel_floor: float = REL_FLOOR) -> dict[
         "cosine": cosine,
         "top1_agreement": topk_agreement(a, b, 1),
         "top5_agreement": topk_agreement(a, b, 5),
-        "nonfinite": {"reference": int(a.size - finite_a.sum()), "candidate": int(b.size - finite_b.sum())},
+        "nonfinite": _nonfinite_record(a, b),
     }
 
 
 def topk_agreement(ref: Any, cand: Any, k: int) -> float | None:
     """Mean ``|topk(ref) ∩ topk(cand)| / k`` over rows (last axis = classes); for ``k = 1`` this is the share
     of rows with the same arg-max. None for outputs that are not class scores (1-D, or ≤ k classes but k > 1,
-    where the top-k set would be every class)."""
+    where the top-k set would be every class). A row with a non-finite score on either side never agrees:
+    NumPy's arg-max takes the first NaN as the maximum, so two all-NaN rows would otherwise "agree"."""
     a, b = np.asarray(ref), np.asarray(cand)
     if a.shape != b.shape or a.ndim < 2 or a.shape[-1] < 2 or (k > 1 and a.shape[-1] <= k):
         return None
     a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    finite = _finite_rows(a2) & _finite_rows(b2)
     if k == 1:
-        return float(np.mean(a2.argmax(axis=-1) == b2.argmax(axis=-1)))
+        return float(np.mean((a2.argmax(axis=-1) == b2.argmax(axis=-1)) & finite))
     ta = np.argpartition(-a2, k - 1, axis=-1)[:, :k]
     tb = np.argpartition(-b2, k - 1, axis=-1)[:, :k]
     hits = (ta[:, :, None] == tb[:, None, :]).any(axis=-1).sum(axis=-1)
-    return float(np.mean(hits / k))
+    return float(np.mean(np.where(finite, hits, 0) / k))
+
+
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    """Per row (last axis), whether every entry is finite; all True for integer arrays."""
+    if not np.issubdtype(x.dtype, np.inexact):
+        return np.ones(x.shape[0], dtype=bool)
+    return np.isfinite(x).all(axis=-1)
 
 
 def top1_agreement(ref: Any, cand: Any) -> float | None:
@@ -227,7 +264,8 @@ def accuracy(logits: Any, labels: Any) -> float:
                         f"{list(y.shape)}")
     if y.shape[0] == 0:
         raise UserError("accuracy of an empty dataset is undefined")
-    return float(np.mean(scores.argmax(axis=1) == y))
+    # a row with a NaN/Inf score is wrong, whatever arg-max makes of it (NumPy picks the first NaN)
+    return float(np.mean((scores.argmax(axis=1) == y) & _finite_rows(scores)))
 
 
 def _fmt(v: float) -> str:
@@ -245,11 +283,14 @@ def check_tolerance(parity: dict[str, Any], precision: str | Tolerance = "fp32")
     tag = f"({tol.precision})"
     failures: list[str] = []
     nonfinite = parity.get("nonfinite") or {}
-    if nonfinite.get("candidate"):
-        failures.append(f"candidate has {nonfinite['candidate']} non-finite outputs {tag}")
-    if nonfinite.get("reference"):
-        failures.append(f"reference has {nonfinite['reference']} non-finite outputs: it cannot vouch for the "
-                        f"candidate {tag}")
+    sides = (("candidate", "outputs contain", ""),
+             ("reference", "reference outputs contain", ": it cannot vouch for the candidate"))
+    for side, prefix, suffix in sides:
+        if nonfinite.get(side):
+            nan, inf = nonfinite.get(f"{side}_nan"), nonfinite.get(f"{side}_inf")
+            what = (describe_nonfinite(nan, inf) if nan is not None and inf is not None
+                    else f"{nonfinite[side]} NaN/Inf values")  # a record written before the split counts
+            failures.append(f"{prefix} {what}{suffix} {tag}")
 
     def upper(key: str, limit: float | None, required: bool = False) -> None:
         if limit is None:
@@ -259,14 +300,18 @@ def check_tolerance(parity: dict[str, Any], precision: str | Tolerance = "fp32")
             if required:
                 failures.append(f"{key} missing {tag}")
             return
-        if not value <= limit:  # NaN fails too
+        if math.isnan(value):
+            failures.append(f"{key} is NaN (nothing finite to compare) {tag}")
+        elif not value <= limit:
             failures.append(f"{key} {_fmt(value)} > {limit:g} {tag}")
 
     def lower(key: str, limit: float | None) -> None:
         value = parity.get(key)
         if limit is None or value is None:
             return
-        if not value >= limit:
+        if math.isnan(value):
+            failures.append(f"{key} is NaN (nothing finite to compare) {tag}")
+        elif not value >= limit:
             failures.append(f"{key} {value:.6g} < {limit:g} {tag}")
 
     upper("rel_l2", tol.rel_l2, required=True)

@@ -32,7 +32,7 @@ from torch import nn
 
 from lrdeploy.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, WordTokenizer
 from lrdeploy.errors import UserError
-from lrdeploy.train import TrainConfig, _call, _device, _first, _progress, _reproducible
+from lrdeploy.train import NonFiniteLossWatch, TrainConfig, _call, _device, _first, _progress, _reproducible
 
 SCHEDULES = ("inverse_sqrt", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
@@ -342,6 +342,7 @@ def _train_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     tokens, lr = 0, config.lr
+    watch = NonFiniteLossWatch(device)
     start = time.perf_counter()
     for i, idx in enumerate(batches):
         s = _trim(src[idx]).to(device, non_blocking=True)
@@ -356,6 +357,7 @@ def _train_epoch(
             loss = translation_loss(logits, tgt_out, config.label_smoothing)
         else:
             loss, logits = custom
+        watch.observe(loss, i)
         loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _call(loop.hooks, "after_backward", model)
@@ -369,6 +371,8 @@ def _train_epoch(
         tokens += n
         loss_sum += loss.detach() * n
         correct += ((logits.detach().argmax(-1) == tgt_out) & keep).sum()
+        if i % 10 == 9 or i == len(batches) - 1:  # where the progress line syncs anyway
+            watch.check(epoch, config.lr)
         if config.progress and (i % 10 == 9 or i == len(batches) - 1):
             rate = tokens / max(time.perf_counter() - start, 1e-9)
             acc = correct.item() / tokens

@@ -58,9 +58,9 @@ class TrainConfig:
         checks = (
             ("epochs", self.epochs >= 1, "at least 1"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("lr", self.lr > 0, "positive"),
+            ("lr", 0 < self.lr < math.inf, "positive and finite"),  # NaN fails every comparison
             ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, "zero or positive"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "zero or positive and finite"),
             ("limit_train", self.limit_train is None or self.limit_train >= 1, "at least 1"),
             ("num_threads", self.num_threads is None or self.num_threads >= 1, "at least 1"),
         )
@@ -200,6 +200,39 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int = 1000) -> float:
     return correct / len(y)
 
 
+class NonFiniteLossWatch:
+    """Remembers the first step whose loss was NaN/Inf, without a device sync per step.
+
+    A diverged run (``--lr`` too high, NaN in the data) otherwise trains on, writes NaN weights to a bundle
+    and exits 0; every later command then meets a broken model. ``observe`` is a few device ops per step;
+    ``check`` (one sync) runs where the loop already syncs for its progress line and at the end of an epoch,
+    and raises a one-line UserError naming the epoch and step, so no bundle is written.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._first = torch.full((), -1, dtype=torch.long, device=device)
+        self._value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        """Record ``loss`` of step ``step`` (0-based, within the epoch) if it is the first non-finite one."""
+        value = loss.detach().float().reshape(())
+        new = ~torch.isfinite(value) & (self._first < 0)
+        self._first = torch.where(new, torch.full_like(self._first, step), self._first)
+        self._value = torch.where(new, value, self._value)
+
+    def check(self, epoch: int, peak_lr: float, option: str = "--lr") -> None:
+        """UserError if a non-finite loss was observed; ``epoch`` 0-based, reported 1-based like the step."""
+        step = int(self._first.item())
+        if step < 0:
+            return
+        kind = "NaN" if math.isnan(float(self._value.item())) else "infinite"
+        raise UserError(
+            f"training stopped: the loss became {kind} at epoch {epoch + 1} step {step + 1} (peak learning "
+            f"rate {peak_lr:g}); no bundle was written",
+            f"lower {option}, or check the training data for NaN/Inf values",
+        )
+
+
 @dataclass
 class _Loop:
     """Mutable state of one ``train`` call, so the epoch body can live in its own function."""
@@ -225,6 +258,7 @@ def _train_epoch(loop: _Loop, x: torch.Tensor, y: torch.Tensor, order: torch.Ten
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen, lr = 0, config.lr
     augment = get_augmentation(config.augment) if config.augment is not None else None
+    watch = NonFiniteLossWatch(device)
     start = time.perf_counter()
     for i in range(steps):
         idx = order[i * bs : (i + 1) * bs]
@@ -240,6 +274,7 @@ def _train_epoch(loop: _Loop, x: torch.Tensor, y: torch.Tensor, order: torch.Ten
             loss = F.cross_entropy(logits, yb)
         else:
             loss, logits = custom
+        watch.observe(loss, i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _call(loop.hooks, "after_backward", model)
@@ -249,7 +284,9 @@ def _train_epoch(loop: _Loop, x: torch.Tensor, y: torch.Tensor, order: torch.Ten
         seen += len(idx)
         loss_sum += loss.detach() * len(idx)
         correct += (logits.detach().argmax(1) == yb).sum()
-        if config.progress and (i % 10 == 9 or i == steps - 1):  # not every step: .item() syncs a GPU
+        if i % 10 == 9 or i == steps - 1:  # not every step: .item() syncs a GPU
+            watch.check(epoch, config.lr)
+        if config.progress and (i % 10 == 9 or i == steps - 1):
             rate = seen / max(time.perf_counter() - start, 1e-9)
             stats = f"loss {loss_sum.item() / seen:.4f}  acc {correct.item() / seen:.1%}  {rate:,.0f} img/s"
             desc = f"epoch {epoch + 1}/{config.epochs}"

@@ -209,14 +209,16 @@ def _measure(gate: Gate, batch_data: Mapping[str, Any], model: str, batch: int) 
     else:
         ms = stats.get(f"{gate.stat}_ms")
         value = batch * 1e3 / ms if isinstance(ms, (int, float)) and ms > 0 else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    return float(value)  # NaN/Inf kept, so the reason can name it; it never passes (evaluate_gate)
 
 
 def _fmt(metric: str, value: float | None) -> str:
     if value is None:
-        return "n/a"
+        return "n/a (not measured)"
+    if not math.isfinite(value):
+        return f"{value} (not a valid measurement)"
     if metric == "speedup":
         return f"{value:.3g}×"
     if metric == "latency":
@@ -238,7 +240,8 @@ def evaluate_gate(gate: Gate, result: Any) -> GateResult:
     for model in targets:
         for batch in batches:
             value = _measure(gate, batch_keys[batch], model, batch)
-            passed = value is not None and _OPS[gate.op](value, gate.value)
+            # NaN compares false both ways, so "latency > x" style gates would pass it: check it explicitly
+            passed = value is not None and math.isfinite(value) and _OPS[gate.op](value, gate.value)
             checks.append(GateCheck(model, batch, value, passed))
     passed = all(c.passed for c in checks)
     stat = gate.stat or ("measured" if gate.metric == "throughput" else "median")

@@ -192,6 +192,17 @@ def test_missing_or_non_finite_numbers_fail(result):
         evaluate_gate(parse_gate("speedup>=1@batch=7"), data)
 
 
+def test_a_nan_statistic_is_a_named_miss_for_every_comparator(result):
+    data = result.to_dict()
+    data["batches"]["1"]["stats"]["lowrank"]["median_ms"] = float("nan")
+    data["batches"]["1"]["speedup_at"]["median"]["lowrank"] = float("inf")
+    # NaN fails "<=" and ">=" alike only by accident of how a comparison is written; inf is no speed-up
+    for text in ("latency<=1s@batch=1,model=lowrank", "latency>=0@batch=1,model=lowrank",
+                 "speedup>=1@batch=1,model=lowrank", "speedup<=1e9@batch=1,model=lowrank"):
+        res = evaluate_gate(parse_gate(text), data)
+        assert not res.passed and "not a valid measurement" in res.reason, (text, res.reason)
+
+
 def test_exit_codes(result):
     passing = evaluate_gates(parse_gates(["speedup>=1.5", "latency<=1s"]), result)
     assert gates_exit_code(passing) == 0 and gates_exit_code([]) == 0

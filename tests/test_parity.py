@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from lrdeploy.errors import UserError
@@ -38,7 +40,7 @@ def test_identical_outputs():
     assert p["max_abs"] == p["mean_abs"] == p["rel_l2"] == 0.0
     assert p["cosine"] == pytest.approx(1.0)
     assert p["top1_agreement"] == 1.0
-    assert p["shape"] == [2, 2] and p["nonfinite"] == {"reference": 0, "candidate": 0}
+    assert p["shape"] == [2, 2] and p["nonfinite"]["reference"] == p["nonfinite"]["candidate"] == 0
 
 
 def test_known_offset():
@@ -84,8 +86,9 @@ def test_nonfinite_counted():
     cand[0, 1] = np.inf
     cand[1, 0] = np.nan
     p = output_parity(ref, cand)
-    assert p["nonfinite"] == {"reference": 0, "candidate": 2}
-    assert check_tolerance(p, "fp32")  # fails
+    assert p["nonfinite"] == {"reference": 0, "candidate": 2, "reference_nan": 0, "reference_inf": 0,
+                              "candidate_nan": 1, "candidate_inf": 1}
+    assert check_tolerance(p, "fp32")[0] == "outputs contain 1 NaN / 1 Inf values (fp32)"
 
 
 def test_shape_mismatch_and_empty_are_user_errors():
@@ -267,7 +270,7 @@ def test_failures_name_the_statistic_and_preset():
     with pytest.raises(UserError):
         Tolerance("x", 1, 1, 1, 1, 1, error_stat="p95")
     nan = dict(p, rel_l2=math.nan)
-    assert any(f.startswith("rel_l2 nan") for f in check_tolerance(nan, "int8"))
+    assert any(f.startswith("rel_l2 is NaN") for f in check_tolerance(nan, "int8"))
 
 
 @pytest.fixture(scope="module")
@@ -399,3 +402,109 @@ def test_parity_stats_is_engine_level_and_serving_reexports_it():
             "assert 'torch' not in sys.modules and 'tensorrt' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- non-finite outputs never pass (issue 9) ----------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 6), classes=st.integers(2, 12), seed=st.integers(0, 2**16),
+       nan=st.integers(0, 5), inf=st.integers(0, 5), preset=st.sampled_from(sorted(TOLERANCES)))
+def test_any_nan_or_inf_in_the_candidate_fails_every_preset_by_name(rows, classes, seed, nan, inf, preset):
+    rng = np.random.default_rng(seed)
+    ref = rng.standard_normal((rows, classes))
+    assert judge(output_parity(ref, ref.copy()), preset)["passed"]  # the same output passes: NaN decides
+    nan, inf = min(nan, ref.size), min(inf, ref.size - min(nan, ref.size))
+    if nan + inf == 0:
+        nan = 1
+    cand = ref.copy().ravel()
+    spots = rng.permutation(ref.size)
+    cand[spots[:nan]] = np.nan
+    cand[spots[nan:nan + inf]] = rng.choice([np.inf, -np.inf], size=inf)
+    verdict = judge(output_parity(ref, cand.reshape(ref.shape)), preset)
+    parts = [f"{n} {name}" for n, name in ((nan, "NaN"), (inf, "Inf")) if n]
+    expected = f"outputs contain {' / '.join(parts)} value{'' if nan + inf == 1 else 's'} ({preset})"
+    assert verdict["passed"] is False and verdict["failures"][0] == expected
+    assert verdict["nonfinite"]["candidate_nan"] == nan and verdict["nonfinite"]["candidate_inf"] == inf
+
+
+def test_nothing_finite_to_compare_is_nan_not_a_perfect_score():
+    ref = np.random.default_rng(0).standard_normal((4, 10))
+    p = output_parity(ref, np.full_like(ref, np.nan))
+    # two empty vectors would give rel-L2 0 and cosine 1; arg-max over NaN rows would "agree" on class 0
+    assert math.isnan(p["rel_l2"]) and math.isnan(p["cosine"])
+    assert p["top1_agreement"] == 0.0 and p["top5_agreement"] == 0.0
+    failures = check_tolerance(p, "int8")
+    assert failures[0] == "outputs contain 40 NaN values (int8)"
+    assert "rel_l2 is NaN (nothing finite to compare) (int8)" in failures
+    logits = np.array([[np.nan, 0.0], [0.0, 1.0]])
+    assert accuracy(logits, np.array([0, 1])) == 0.5  # the NaN row is wrong even though arg-max says 0
+
+
+def test_nan_in_the_reference_is_named():
+    ref = np.array([[1.0, np.nan], [np.inf, 2.0]])
+    failures = check_tolerance(output_parity(ref, np.ones((2, 2))), "fp16")
+    expected = "reference outputs contain 1 NaN / 1 Inf values: it cannot vouch for the candidate (fp16)"
+    assert expected in failures
+
+
+def test_export_rel_l2_is_inf_for_nonfinite_so_the_worst_case_is_order_free():
+    from lrdeploy.exporters.onnx import rel_l2
+    from lrdeploy.exporters.optimize import worst_rel_l2
+
+    ok = np.ones((2, 3))
+    bad = ok.copy()
+    bad[0, 0] = np.nan
+    assert rel_l2(bad, ok) == rel_l2(ok, bad) == math.inf
+    assert rel_l2(np.full((2, 3), np.nan), np.full((2, 3), np.nan)) == math.inf  # was 0.0: "all NaN" passed
+    # max() keeps the first of (x, nan) and drops a later NaN: with inf the answer no longer depends on order
+    assert worst_rel_l2([ok, ok], [ok, bad]) == worst_rel_l2([ok, ok], [bad, ok]) == math.inf
+
+
+def test_export_parity_names_nan_in_onnx_runtime_output():
+    import torch
+
+    from lrdeploy.exporters.onnx import _parity, ort_session
+
+    graph = helper.make_graph(  # Log of negative inputs: NaN where PyTorch's Identity is finite
+        [helper.make_node("Log", ["input"], ["output"])], "log",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 4])],
+    )
+    session = ort_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                          .SerializeToString())
+    x = -torch.ones(3, 4)
+    x[0, 0] = 1.0
+    with pytest.raises(UserError, match=r"ONNX Runtime outputs contain 11 NaN values .* are finite"):
+        _parity(session, torch.nn.Identity(), [x])
+
+
+def test_export_of_a_nan_model_fails_and_writes_nothing(tmp_path):
+    import torch
+
+    from lrdeploy.exporters.onnx import export_onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    out = tmp_path / "nan.onnx"
+    with pytest.raises(UserError, match=r"PyTorch outputs contain 3 NaN values"):
+        export_onnx(model, out, input_shape=(4,), optimize=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_budget_names_nonfinite_candidate_and_refuses_a_nan_reference():
+    from lrdeploy.comparison import check_reference_finite, evaluate_budget
+
+    ref = np.random.default_rng(0).standard_normal((8, 10))
+    cand = ref.copy()
+    cand[:2] = np.nan
+    parity = output_parity(ref, cand)
+    acc = {"reference": 0.9, "candidate": 0.9}  # arg-max over NaN scores still picks a class
+    budget = evaluate_budget(acc, parity, max_accuracy_drop=1.0, min_agreement=None)
+    assert not budget["passed"] and budget["failures"] == ["candidate outputs contain 20 NaN values"]
+    nan_acc = evaluate_budget({"reference": 0.9, "candidate": math.nan}, output_parity(ref, ref), 1.0, None)
+    assert nan_acc["failures"] == ["accuracy drop (points) is NaN (not measurable; limit 1)"]
+    assert evaluate_budget(acc, output_parity(ref, ref), 1.0, None)["passed"]
+    with pytest.raises(UserError, match="reference .* outputs contain 20 NaN values"):
+        check_reference_finite(output_parity(cand, ref))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -143,6 +145,10 @@ def test_int8_static_qdq_lenet_on_mnist(tmp_path, data_dir):
     assert any(n.op_type == "QLinearConv" for n in onnx.load(str(fused)).graph.node)
     again = evaluate_variant(src, res.dst, test.x.numpy(), test.y.numpy(), "int8", max_accuracy_drop=0.03)
     assert again["passed"] and again["accuracy"]["delta"] == pytest.approx(res.accuracy["delta"])
+    # measured in the same run, A/B against fp32 at batch 1; recorded, never a failure (slower on CPUs here)
+    assert res.speed_vs_fp32 is not None and res.speed_vs_fp32 > 0
+    assert res.timing["batch"] == 1 and res.timing["rounds"] >= 1 and res.timing["fp32_ms"] > 0
+    assert res.to_dict()["speed_vs_fp32"] == res.speed_vs_fp32
 
 
 def test_strict_raises_and_writes_nothing(tmp_path):
@@ -268,6 +274,7 @@ def test_bf16_not_judged_is_never_a_pass(tmp_path, monkeypatch):
     assert res.judged_by.startswith("not run: ") and "budget" in res.judged_by
     assert res.parity["status"] == res.judged_by and "rel_l2" not in res.parity
     assert res.dst.exists()
+    assert res.speed_vs_fp32 is None and res.timing["status"].startswith("not run: ONNX Runtime CPU cannot")
     with pytest.raises(UserError, match="was not judged"):
         convert_precision(src, tmp_path / "strict.onnx", "bf16", test_inputs=x, strict=True)
     assert not (tmp_path / "strict.onnx").exists()
@@ -324,3 +331,57 @@ def test_token_rows_flatten_sequence_scores_and_drop_padding():
     assert flat.shape == (2, 4) and y2.tolist() == [0, 1]
     with pytest.raises(UserError):
         token_rows(ref, ref, np.zeros((2, 2)))
+
+
+# --- non-finite outputs and speed against fp32 (issue 9) ---------------------------------------------------
+
+
+def _with_nan_weight(src: str, dst) -> str:
+    """``src`` with one weight of its first initializer set to NaN (export refuses NaN models: by hand)."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(src)
+    init = proto.graph.initializer[0]
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(proto, str(dst))
+    return str(dst)
+
+
+def test_nan_in_the_variant_fails_by_name_and_nan_in_fp32_is_refused(tmp_path):
+    src = _export(_mlp(), tmp_path / "mlp.onnx", (32,))
+    x = np.random.default_rng(5).standard_normal((16, 32)).astype(np.float32)
+    broken = _with_nan_weight(src, tmp_path / "broken.onnx")
+    verdict = evaluate_variant(src, broken, x, precision="fp16")
+    assert verdict["passed"] is False
+    assert verdict["failures"][0] == "outputs contain 160 NaN values (fp16)"  # 16 rows × 10 classes
+    with pytest.raises(UserError, match="the fp32 graph's outputs contain 160 NaN values"):
+        convert_precision(broken, tmp_path / "b16.onnx", "fp16", test_inputs=x)
+    assert not (tmp_path / "b16.onnx").exists()
+
+
+def test_speed_vs_fp32_is_measured_interleaved_and_points_the_right_way(tmp_path):
+    from lrdeploy.exporters.precision import describe_speed, time_vs_fp32
+
+    torch.manual_seed(0)
+    small = _export(nn.Sequential(nn.Linear(32, 10)), tmp_path / "small.onnx", (32,))
+    big = _export(nn.Sequential(nn.Linear(32, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                                nn.Linear(1024, 10)), tmp_path / "big.onnx", (32,))
+    feeds = {"input": np.random.default_rng(6).standard_normal((4, 32)).astype(np.float32)}
+    small_b, big_b = (Path(p).read_bytes() for p in (small, big))
+    slower = time_vs_fp32(small_b, big_b, feeds, budget_s=0.3, threads=1)  # the "variant" does 3000× more
+    assert slower["speed_vs_fp32"] < 0.5 and slower["variant_ms"] > slower["fp32_ms"]
+    assert slower["batch"] == 1 and slower["threads"] == 1 and slower["rounds"] >= 1
+    assert "SLOWER than fp32 on this CPU (measured b1)" in describe_speed(slower["speed_vs_fp32"], slower)
+    faster = time_vs_fp32(big_b, small_b, feeds, budget_s=0.3, threads=1)
+    assert faster["speed_vs_fp32"] > 2 and "faster than fp32" in describe_speed(faster["speed_vs_fp32"])
+
+
+def test_describe_speed_wording():
+    from lrdeploy.exporters.precision import describe_speed
+
+    assert describe_speed(1 / 2.9, {"batch": 1}) == "2.9× SLOWER than fp32 on this CPU (measured b1)"
+    assert describe_speed(1.8) == "1.8× faster than fp32 on this CPU (measured b1)"
+    assert describe_speed(1.05) == "as fast as fp32 on this CPU (measured b1)"
+    assert describe_speed(None) == describe_speed(float("nan")) == ""

@@ -41,6 +41,10 @@ def test_config_validation():
             TrainConfig(**bad)
     with pytest.raises(UserError, match="schedule"):
         TrainConfig(schedule="linear")
+    # NaN passes no comparison, so "lr > 0" alone let it through; inf is > 0
+    for bad in ({"lr": math.inf}, {"lr": math.nan}, {"weight_decay": math.inf}, {"weight_decay": math.nan}):
+        with pytest.raises(UserError, match=f"{next(iter(bad))} must be .*finite"):
+            TrainConfig(**bad)
 
 
 def test_lr_schedules():
@@ -179,3 +183,65 @@ def test_progress_bar_runs(mnist_small, capsys):
     config = TrainConfig(epochs=1, batch_size=50, limit_train=200, progress=True, num_threads=1)
     train(_fresh(), train_set, None, config)
     assert "epoch 1/1" in capsys.readouterr().err
+
+
+# --- a diverging run stops before anything is written (issue 9) --------------------------------------------
+
+
+class _PoisonAt:
+    """Hook: the plain cross-entropy step, except that the loss of global step ``at`` (1-based) is NaN/inf."""
+
+    def __init__(self, at: int, value: float = math.nan) -> None:
+        self.at, self.value, self.calls = at, value, 0
+
+    def training_loss(self, model, xb, yb):
+        self.calls += 1
+        logits = model(xb)
+        loss = torch.nn.functional.cross_entropy(logits, yb)
+        return (loss * self.value if self.calls == self.at else loss), logits
+
+
+@pytest.mark.parametrize("at, value, where", [
+    (3, math.nan, "NaN at epoch 1 step 3"),
+    (12, math.inf, "infinite at epoch 1 step 12"),  # after the first check (step 10): still named exactly
+    (23, math.nan, "NaN at epoch 2 step 3"),  # 20 steps per epoch
+])
+def test_a_nonfinite_loss_stops_training_naming_epoch_and_step(mnist_small, at, value, where):
+    train_set, _ = mnist_small
+    hook = _PoisonAt(at, value)
+    config = TrainConfig(epochs=2, limit_train=320, **FAST)
+    with pytest.raises(UserError, match=f"loss became {where} .*no bundle was written — lower --lr"):
+        train(_fresh(), train_set, None, config, hooks=[hook])
+    assert hook.calls < at + 10  # stopped at the next check, not at the end of training
+
+
+def test_a_too_high_learning_rate_diverges_into_the_one_line_error(mnist_small):
+    train_set, _ = mnist_small
+    with pytest.raises(UserError, match=r"training stopped: the loss became (NaN|infinite) at epoch 1 step"):
+        train(_fresh(), train_set, None, TrainConfig(epochs=1, limit_train=320, lr=1e12, **FAST))
+
+
+def test_the_translation_loop_stops_on_a_nonfinite_loss(data_dir):
+    from lrdeploy.data.multi30k import build_tokenizers, load_translation
+    from lrdeploy.seq2seq import TranslationConfig, train_translation
+
+    tokenizers = build_tokenizers(data_dir=data_dir)
+    data = load_translation("multi30k", "train", data_dir, limit=64, tokenizers=tokenizers)
+    torch.manual_seed(0)
+    model = create_model("transformer", src_vocab=len(tokenizers[0]), tgt_vocab=len(tokenizers[1]),
+                         d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64)
+
+    class Poison:
+        calls = 0
+
+        def training_loss(self, model, xb, yb):
+            from lrdeploy.seq2seq import translation_loss
+
+            Poison.calls += 1
+            logits = model(*xb)
+            loss = translation_loss(logits, yb)
+            return (loss * math.nan if Poison.calls == 2 else loss), logits
+
+    config = TranslationConfig(epochs=1, batch_size=16, progress=False, num_threads=1)
+    with pytest.raises(UserError, match="loss became NaN at epoch 1 step 2"):
+        train_translation(model, data, None, config, hooks=[Poison()])
