@@ -156,7 +156,13 @@ def test_structure_that_does_not_fit_the_weights_is_refused(tmp_path, lowrank_mo
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["structure"]["fc1"]["rank"] -= 1  # checksum still matches the weights: structure is the lie
     (out / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="tampered"):
+        load_bundle(out)
+    from lrdeploy.manifest_schema import DIGEST_KEY, manifest_digest
+
+    manifest[DIGEST_KEY] = manifest_digest(manifest)  # a forger who re-seals it meets the shape check
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="do not fit"):
         load_bundle(out)
 
 
