@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +46,45 @@ def user_errors(fn: F) -> F:
             err_console.print("[bold red]error:[/] ", end="", soft_wrap=True)
             err_console.print(e.one_line(), markup=False, soft_wrap=True, highlight=False)
             raise typer.Exit(code=UserError.exit_code) from None
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("interrupted — nothing was installed (outputs appear only when complete)",
+                              soft_wrap=True, highlight=False)
+            raise typer.Exit(code=130) from None
+        except Exception as e:  # a bug: one line here, the whole traceback in a file for the report
+            if os.environ.get("LRDEPLOY_DEBUG"):
+                raise
+            where = _save_traceback()
+            err_console.print(
+                f"internal error: {type(e).__name__}: {_first_line(e)} — this is a bug in lrdeploy; the "
+                f"traceback is in {where} (LRDEPLOY_DEBUG=1 prints it); please report it",
+                markup=False, soft_wrap=True, highlight=False)
+            raise typer.Exit(code=INTERNAL_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+INTERNAL_ERROR = 3  # exit code of a bug (2: the user's input; 1: a missed budget, gate or preset)
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _save_traceback() -> str:
+    """Write the current exception's traceback to a file in the temp directory; return its path."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="lrdeploy-crash-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
+        return path
+    except OSError:
+        return "(could not be saved)"
 
 
 DataDir = typer.Option(
