@@ -90,14 +90,9 @@ def check_output_dir(out_dir: str | os.PathLike, *, force: bool = False,
 def _check_destination(out_dir: Path, *, force: bool = False,
                        inputs: tuple[str | os.PathLike | None, ...] = ()) -> None:
     """An existing bundle is replaced only with ``force``; anything else that is not empty, never."""
-    from lrdeploy.outputs import Outputs
+    from lrdeploy.outputs import check_bundle_destination
 
-    Outputs(force=force, inputs=inputs).directory(out_dir, "--out", what="bundle", is_ours=_replaceable)
-
-
-def _replaceable(path: Path) -> bool:
-    """Our bundle, holding nothing lrdeploy did not write (replacing it loses nothing of the user's)."""
-    return _is_bundle(path) and all(p.name in BUNDLE_FILES for p in path.iterdir())
+    check_bundle_destination(out_dir, force=force, inputs=inputs)
 
 
 def save_bundle(

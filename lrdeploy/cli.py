@@ -36,7 +36,7 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from lrdeploy.data.datasets import downloads_allowed
+        from lrdeploy.download_scope import downloads_allowed
 
         try:
             check_arguments(kwargs)  # NaN/inf, >64-bit integers, a --data-dir that is a file: before any work
@@ -195,13 +195,15 @@ def train(
 ) -> None:
     """Train a model (dense, or low-rank with Cuttlefish or Maestro) and write a bundle."""
     from lrdeploy.cli_checks import check_finite, check_model_fits
+    from lrdeploy.outputs import check_bundle_destination
+
+    out = out or Path("runs") / f"{model}-{data}-{method}"
+    check_bundle_destination(out, force=force)  # at once, before torch is imported or data loaded
     from lrdeploy.workflows import TrainRequest, train_bundle
 
     check_finite("--lr", lr, minimum=0.0, strict=True, example="0.05")
     check_finite("--weight-decay", weight_decay, minimum=0.0, example="5e-4")
     check_model_fits(model, parse_settings(model_arg, "--model-arg"), "--model-arg")  # e.g. width=10**9
-
-    out = out or Path("runs") / f"{model}-{data}-{method}"
     metrics = train_bundle(
         TrainRequest(
             model_name=model,
@@ -247,6 +249,9 @@ def init(
     force: bool = Force,
 ) -> None:
     """Make a bundle from a registry model at its initial weights or from a dense checkpoint ("load" path)."""
+    from lrdeploy.outputs import check_bundle_destination
+
+    check_bundle_destination(out, force=force, inputs=[from_checkpoint])  # at once, before torch loads
     from lrdeploy import workflows
     from lrdeploy.cli_checks import check_model_fits
 
@@ -278,6 +283,9 @@ def compress(
     force: bool = Force,
 ) -> None:
     """Compress a bundle by truncated SVD (rank ratio or energy), optionally fine-tune, write a new bundle."""
+    from lrdeploy.outputs import check_bundle_destination
+
+    check_bundle_destination(out, force=force, inputs=[bundle])  # at once, before torch loads
     from lrdeploy import workflows
     from lrdeploy.cli_checks import check_finite
 
@@ -362,13 +370,13 @@ def export(
         raise UserError(f"--optimize {optimize!r} is not known", "use none, basic or all")
     if precision not in ("fp32", "fp16", "bf16", "int8"):
         raise UserError(f"--precision {precision!r} is not known", "use fp32, fp16, bf16 or int8")
-    from lrdeploy.cli_checks import check_opset
-
-    check_opset(opset)  # before any work: an unsupported opset used to export 18 and record the request
     if Path(out).suffix != ".onnx":
         raise UserError(f"--out {out} must end in .onnx", "e.g. --out model.onnx")
     family = export_family(Path(out))
     Outputs(force=force, inputs=[bundle]).family(out, "--out", family)
+    from lrdeploy.cli_checks import check_opset
+
+    check_opset(opset)  # before any work: an unsupported opset used to export 18 and record the request
     from lrdeploy.cli_checks import check_artifact_batch_fits
 
     check_artifact_batch_fits(bundle, [fold_batch], "--fold-batch")

@@ -43,6 +43,21 @@ def is_bundle_dir(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == "lrdeploy-bundle"
 
 
+BUNDLE_FILES = frozenset({"manifest.json", "weights.safetensors"})
+
+
+def is_replaceable_bundle(path: Path) -> bool:
+    """Our bundle, holding nothing lrdeploy did not write (replacing it loses nothing of the user's)."""
+    return is_bundle_dir(path) and all(p.name in BUNDLE_FILES for p in path.iterdir())
+
+
+def check_bundle_destination(out: str | os.PathLike, *, force: bool = False,
+                             inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """``out`` can take a bundle: new, empty, or (with ``force``) one of our bundles. Light: no torch import,
+    so the CLI refuses a bad --out at once."""
+    Outputs(force=force, inputs=inputs).directory(out, "--out", what="bundle", is_ours=is_replaceable_bundle)
+
+
 def _nearest_existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if _exists(candidate):

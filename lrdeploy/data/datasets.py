@@ -15,11 +15,9 @@ already extracted. Every file is verified against the sha256 of its decompressed
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,29 +26,11 @@ import torch
 
 from lrdeploy.data.checksum import read_verified
 from lrdeploy.data.idx import parse_idx
+from lrdeploy.download_scope import download_wanted, downloads_allowed  # noqa: F401  (re-exported)
 from lrdeploy.errors import UserError
 
 SPLITS = ("train", "test")
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-
-# `--download`: the CLI allows downloads for one command; loaders deep in the workflows honour it without a
-# ``download`` argument threaded through every call. Off unless asked: nothing is fetched by surprise.
-_DOWNLOADS: ContextVar[bool] = ContextVar("lrdeploy_downloads", default=False)
-
-
-@contextlib.contextmanager
-def downloads_allowed(enabled: bool = True) -> Iterator[None]:
-    """Within the block, loaders fetch missing dataset files (checksum-verified) as if ``download=True``."""
-    token = _DOWNLOADS.set(enabled)
-    try:
-        yield
-    finally:
-        _DOWNLOADS.reset(token)
-
-
-def download_wanted(download: bool) -> bool:
-    """``download`` or the scope of :func:`downloads_allowed`."""
-    return download or _DOWNLOADS.get()
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,8 @@ def two_bundles(lenet_bundle, tmp_path_factory):
     return lenet_bundle, root / "svd"
 
 
-@pytest.mark.parametrize("step", ["journal", "aside:m.onnx"])
+@pytest.mark.parametrize("step", [  # every step is tried on the mechanism above; here, the CLI end to end
+    pytest.param("journal", marks=pytest.mark.slow), "aside:m.onnx"])
 def test_export_killed_while_replacing_a_family(two_bundles, tmp_path, step):
     dense, svd = two_bundles
     export = ("export", "--out", "m.onnx", "--fold", "factored")
