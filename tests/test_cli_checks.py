@@ -282,7 +282,7 @@ def test_download_flag_fetches_only_when_given(data_dir, tmp_path, monkeypatch):
     """train reads MNIST from an empty --data-dir: refused with a hint naming --download; with --download the
     files come (checksum-verified) from a file:// mirror — the network is never used."""
     from lrdeploy.data import DATASETS
-    from lrdeploy.data.datasets import _DOWNLOADS
+    from lrdeploy.download_scope import _DOWNLOADS
 
     mirror = tmp_path / "mirror"
     mirror.mkdir()
