@@ -472,6 +472,9 @@ def export_onnx(
             try:
                 proto, seconds = torch_to_onnx(folded, example, exporter=name, opset=opset,
                                                dynamic_batch=dynamic_batch)
+                # A graph the checker rejects is a failed export too (dynamo names an nn.Embedding's output
+                # "embedding", so a model output of that name is defined twice): try the next exporter.
+                onnx.checker.check_model(proto, full_check=True)
                 break
             except Exception as exc:  # exporter failures come in many types; report them as one line
                 failures.append(f"{name}: {type(exc).__name__}: {_first_line(exc)}")

@@ -253,3 +253,39 @@ def test_auto_falls_back_when_the_default_exporter_fails(tmp_path, monkeypatch):
         export_onnx(_model("dense"), tmp_path / "n.onnx", input_shape=(1, 28, 28),
                     exporter=onnx_mod.DEFAULT_EXPORTER)
     assert not (tmp_path / "n.onnx").exists()
+
+
+class _NamedEmbedding(torch.nn.Module):
+    """Token ids → a vector, with its output named ``embedding``: the name dynamo gives nn.Embedding's own
+    output, so the dynamo graph defines it twice and fails the ONNX checker."""
+
+    input_names = ("ids",)
+    output_names = ("embedding",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def example_inputs(self, batch_size: int, *sizes: int) -> tuple[torch.Tensor]:
+        return (torch.randint(0, 50, (batch_size, 6)),)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {"ids": {0: "batch", 1: "seq"}}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids)).mean(1)
+
+
+def test_a_graph_failing_the_checker_falls_back_to_the_other_exporter(tmp_path):
+    from lrdeploy.exporters.onnx import export_onnx, read_export_info
+
+    with pytest.raises(UserError, match="dynamo"):
+        export_onnx(_NamedEmbedding().eval(), tmp_path / "d.onnx", input_shape=(6,), exporter="dynamo",
+                    optimize=False, metadata={"model": {"name": "custom"}})
+    assert not (tmp_path / "d.onnx").exists()
+    result = export_onnx(_NamedEmbedding().eval(), tmp_path / "a.onnx", input_shape=(6,), optimize=False,
+                         metadata={"model": {"name": "custom"}})
+    assert result.exporter == "legacy" and result.parity_rel_l2 < 1e-5
+    info = read_export_info(tmp_path / "a.onnx")
+    assert any(f.startswith("dynamo:") for f in info["fallback_from"])
