@@ -160,6 +160,10 @@ def compress(
 
     report = CompressionReport(rank_ratio=rank_ratio, energy=energy, model_params_before=count_params(model))
     candidates = _candidates(model)
+    # Modules that read a child's ``.weight`` themselves (nn.MultiheadAttention passes out_proj.weight to
+    # F.multi_head_attention_forward): a factorised child has no ``.weight``, so replacing it breaks it.
+    reads_weights = {f"{n}.{child}" if n else child for n, m in model.named_modules()
+                     if isinstance(m, nn.MultiheadAttention) for child in ("out_proj",)}
     first_conv = next((n for n, m in candidates if isinstance(m, (nn.Conv2d, LowRankConv2d))), None)
     classifier = next((n for n, m in reversed(candidates) if isinstance(m, (nn.Linear, LowRankLinear))), None)
 
@@ -189,6 +193,8 @@ def compress(
 
         if name == "":
             entry.skipped = "the root module cannot be replaced in place"
+        elif name in reads_weights:
+            entry.skipped = "inside nn.MultiheadAttention, which reads its weight directly: kept dense"
         elif isinstance(module, nn.Conv2d) and module.groups != 1:
             entry.skipped = f"grouped conv (groups={module.groups}) is not eligible"
         elif keep_first_conv and name == first_conv:

@@ -235,3 +235,32 @@ def test_structure_apply_rejects_mismatch(mutate, match):
     mutate(desc)
     with pytest.raises(UserError, match=match):
         structure.apply(_model(), desc)
+
+
+def test_multihead_attention_projection_is_kept_dense_and_the_model_still_runs():
+    """nn.MultiheadAttention hands out_proj.weight to the functional kernel; factorising out_proj broke the
+    model (no .weight), so compress keeps it dense, says why, and still factorises the layers around it."""
+    import torch
+    from torch import nn
+
+    from lrdeploy.compress import compress
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.ff = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = self.attn(x, x, x)
+            return self.head(self.ff(h).mean(1))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(2, 5, 64)
+    report = compress(model, rank_ratio=0.25)
+    skipped = {layer.name: layer.skipped for layer in report.layers}
+    assert "MultiheadAttention" in (skipped["attn.out_proj"] or "")
+    assert skipped["ff"] is None  # the layers around it are still factorised
+    assert model(x).shape == (2, 10)  # and the model still runs
