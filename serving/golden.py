@@ -135,6 +135,12 @@ def save_golden(
     for name, a in arrays.items():
         if a.dtype == object:
             raise UserError(f"golden array {name} is not numeric")
+        if name.startswith("outputs/") and a.dtype.kind in "fc" and not np.isfinite(a).all():
+            from lrdeploy.parity_stats import describe_nonfinite, nonfinite_counts
+
+            raise UserError(f"golden output {name.split('/', 1)[1]!r} contains "
+                            f"{describe_nonfinite(*nonfinite_counts(a))}: it could not judge any candidate",
+                            "save the golden set from a working reference model")
         if a.ndim == 0 or a.shape[0] != x.shape[0]:
             raise UserError(f"golden array {name} has {a.shape[0] if a.ndim else 0} samples, inputs have "
                             f"{x.shape[0]}")
@@ -183,6 +189,7 @@ def load_golden(path: str | Path) -> Golden:
     if hashlib.sha256(blob).hexdigest() != expected:
         raise UserError(f"golden set {root}: {ARRAYS_FILE} checksum mismatch (altered or truncated)",
                         "regenerate it with --save-golden; never edit a golden set by hand")
+    _check_unpacked_size(root, blob)
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -201,6 +208,24 @@ def load_golden(path: str | Path) -> Golden:
         raise UserError(f"golden set {root} holds no inputs or no outputs")
     get_tolerance(manifest.get("precision") or "fp32")  # an unknown preset is reported now, not mid-check
     return Golden(root, arrays["inputs"], outputs, arrays.get("labels"), manifest)
+
+
+MAX_UNPACKED_BYTES = 4 << 30  # a golden set holds a few hundred samples: MBs, not GBs
+
+
+def _check_unpacked_size(root: Path, blob: bytes) -> None:
+    """Refuse an archive whose members would unpack past :data:`MAX_UNPACKED_BYTES` (a zip bomb), before
+    numpy allocates anything: the sizes come from the zip directory, not from decompressing."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UserError(f"golden set {root}: {ARRAYS_FILE} is not readable ({exc})") from None
+    if total > MAX_UNPACKED_BYTES:
+        raise UserError(f"golden set {root}: {ARRAYS_FILE} would unpack to {total / 2**30:.1f} GiB (at most "
+                        f"{MAX_UNPACKED_BYTES / 2**30:.0f} GiB)", "regenerate it with --save-golden")
 
 
 def _check_reference_finite(golden: Golden, name: str, ref: np.ndarray) -> None:

@@ -3,6 +3,7 @@ in CI (`compare --precision --save-golden --out`, then `check --golden`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -148,7 +149,10 @@ def test_check_golden_fails_nan_candidates_by_name_and_refuses_a_nan_reference(t
     assert res["accuracy"]["candidate"] < 1.0  # NaN rows count as wrong, whatever arg-max makes of them
     y_nan = y.copy()
     y_nan[3, 1] = np.inf
-    bad = load_golden(save_golden(tmp_path / "bad", x, {"logits": y_nan}, precision="fp16"))
+    with pytest.raises(UserError, match="contains 1 Inf value"):  # refused when saved ...
+        save_golden(tmp_path / "bad", x, {"logits": y_nan}, precision="fp16")
+    # ... and, for a set written by an older lrdeploy, when checked
+    bad = dataclasses.replace(g, outputs={"logits": y_nan})
     with pytest.raises(UserError, match="reference output 'logits' contains 1 Inf value, so it cannot"):
         check_golden(bad, _Linear(w))
 
@@ -222,3 +226,24 @@ def test_tampered_golden_fails_the_cli_in_one_line(models, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "checksum" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_save_refuses_non_finite_reference_outputs(tmp_path):
+    x, _, y, _ = _arrays()
+    y = y.copy()
+    y[3, 0] = np.nan
+    with pytest.raises(UserError, match="1 NaN value"):
+        save_golden(tmp_path / "g", x, {"logits": y})
+    assert not (tmp_path / "g").exists()
+
+
+def test_an_archive_that_would_unpack_past_the_limit_is_refused_before_loading(tmp_path, monkeypatch):
+    import lrdeploy.serving.golden as golden_mod
+
+    x, _, y, _ = _arrays()
+    g = save_golden(tmp_path / "g", x, y)
+    unpacked = sum(a.nbytes for a in (x, y))
+    monkeypatch.setattr(golden_mod, "MAX_UNPACKED_BYTES", unpacked // 2)  # as if the members were huge
+    monkeypatch.setattr(golden_mod.np, "load", lambda *a, **k: pytest.fail("np.load ran before the check"))
+    with pytest.raises(UserError, match="would unpack to"):
+        load_golden(g)
