@@ -53,7 +53,14 @@ import numpy as np
 from lrdeploy.errors import UserError
 from lrdeploy.host import cpu_info  # engine-level: the fold cost model keys its cache by the CPU model
 
-from .runtimes.base import Runtime, available_cpus, cuda_device_info, measure_memory, nvidia_driver_version
+from .runtimes.base import (
+    Runtime,
+    available_cpus,
+    cuda_device_info,
+    gc_paused,
+    measure_memory,
+    nvidia_driver_version,
+)
 
 Clock = Callable[[], float]
 
@@ -368,18 +375,6 @@ def _max_into(entry: dict[str, Any], key: str, value: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ harness
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Keep the cyclic GC out of the timed calls (as timeit does); the caller collects between batch sizes."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def _warm_up(runtime: Runtime, x: np.ndarray, seconds: float, clock: Clock) -> int:
     """Call until ``seconds`` have passed, at least once. Returns the number of calls."""
     start, calls = clock(), 0
@@ -395,7 +390,7 @@ def _time_block(runtime: Runtime, x: np.ndarray, *, min_runs: int, min_seconds: 
     for _ in range(warmup_runs):
         runtime.run(x)
     durations: list[float] = []
-    with _gc_paused():
+    with gc_paused():  # the caller collects between batch sizes
         start = clock()
         while True:
             t0 = clock()

@@ -132,11 +132,11 @@ def _reset_rss_peak() -> str | None:
 
 
 @contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside a memory window.
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside a measured window (timed calls, as timeit does; memory windows).
 
-    A collection that runs there frees what earlier code left behind (a test suite's dead models), so RSS
-    first drops and the window's own peak is hidden: a 64 MiB transient measured as a 6 MiB delta.
+    A collection that runs inside a memory window frees what earlier code left behind (a test suite's dead
+    models), so RSS first drops and the window's own peak is hidden: a 64 MiB transient measured as 6 MiB.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -194,7 +194,7 @@ def measure_memory(fn: Callable[[], Any], *, runs: int = 1, cuda_device: int | N
         free, total = torch.cuda.mem_get_info(cuda_device)
         used_before = total - free
 
-    with _cyclic_gc_paused():
+    with gc_paused():
         reset_error = _reset_rss_peak()
         rss_before = _proc_status_bytes("VmRSS").get("VmRSS")
         maxrss_before = _ru_maxrss_bytes()
