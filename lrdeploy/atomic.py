@@ -109,7 +109,8 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _exists(path: Path) -> bool:
+def exists(path: Path) -> bool:
+    """Present on disk, a dangling symlink included (``Path.exists`` follows links)."""
     return path.exists() or path.is_symlink()
 
 
@@ -146,7 +147,7 @@ class Staging:
     def commit(self) -> list[Path]:
         """Install every staged entry (the journal makes it all-or-nothing across a crash)."""
         install = sorted(os.listdir(self.new))
-        remove = [n for n in self.replaces if n not in install and _exists(self.parent / n)]
+        remove = [n for n in self.replaces if n not in install and exists(self.parent / n)]
         _step("staged")
         data = json.dumps({"install": install, "remove": remove}).encode("utf-8")
         with open(self.dir / JOURNAL, "wb") as f:
@@ -181,19 +182,27 @@ def _apply(stage: Path, install: list[str], remove: list[str]) -> None:
     old.mkdir(exist_ok=True)
     for name in install:
         new, target = stage / "new" / name, parent / name
-        if not _exists(new):
+        if not exists(new):
             continue  # installed before the crash
-        if _exists(target):  # the previous version: the new one has not been moved in yet
-            os.replace(target, old / name) if not _exists(old / name) else _remove(target)
+        if exists(target):  # the previous version: the new one has not been moved in yet
+            _set_aside(target, old / name)
             _step(f"aside:{name}")
         os.replace(new, target)
         _step(f"installed:{name}")
     for name in remove:
         target = parent / name
-        if _exists(target):
-            os.replace(target, old / name) if not _exists(old / name) else _remove(target)
+        if exists(target):
+            _set_aside(target, old / name)
             _step(f"removed:{name}")
     _fsync_dir(parent)
+
+
+def _set_aside(target: Path, aside: Path) -> None:
+    """Move the old version out of the way (deleted with the stage); one already set aside wins."""
+    if exists(aside):
+        _remove(target)
+    else:
+        os.replace(target, aside)
 
 
 def _remove(path: Path) -> None:

@@ -30,12 +30,12 @@ from lrdeploy.manifest_schema import (
     read_json_file,
     validate_manifest,
 )
+from lrdeploy.outputs import BUNDLE_FORMAT, BUNDLE_MANIFEST, BUNDLE_WEIGHTS, check_bundle_destination
 
-FORMAT = "lrdeploy-bundle"
+FORMAT = BUNDLE_FORMAT
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.safetensors"
-BUNDLE_FILES = frozenset({MANIFEST, WEIGHTS})
+MANIFEST = BUNDLE_MANIFEST
+WEIGHTS = BUNDLE_WEIGHTS
 _BUNDLE_HINT = "pass a directory written by lrdeploy train/compress"
 _CORRUPT_HINT = "the bundle is corrupt; re-create it"
 _RESERVED = frozenset({
@@ -73,25 +73,10 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _is_bundle(path: Path) -> bool:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
 def check_output_dir(out_dir: str | os.PathLike, *, force: bool = False,
                      inputs: tuple[str | os.PathLike | None, ...] = ()) -> None:
-    """Fail before any work if ``out_dir`` could not take a bundle (call it before training/compressing)."""
-    _check_destination(Path(out_dir), force=force, inputs=inputs)
-
-
-def _check_destination(out_dir: Path, *, force: bool = False,
-                       inputs: tuple[str | os.PathLike | None, ...] = ()) -> None:
-    """An existing bundle is replaced only with ``force``; anything else that is not empty, never."""
-    from lrdeploy.outputs import check_bundle_destination
-
+    """Fail before any work if ``out_dir`` could not take a bundle (call it before training/compressing):
+    new or empty, or with ``force`` one of our bundles; never anything else."""
     check_bundle_destination(out_dir, force=force, inputs=inputs)
 
 
@@ -119,7 +104,7 @@ def save_bundle(
     from lrdeploy.models import get_spec
 
     out_dir = Path(out_dir)
-    _check_destination(out_dir, force=force)
+    check_bundle_destination(out_dir, force=force)
     if extra and (clash := sorted(set(extra) & _RESERVED)):
         raise ValueError(f"extra manifest keys {clash} would overwrite the bundle's own fields")
     if input_shape is None:
@@ -161,7 +146,7 @@ def save_bundle(
         os.mkdir(tmp)
         _write_synced(tmp / WEIGHTS, weights)
         _write_synced(tmp / MANIFEST, text.encode("utf-8"))
-        _check_destination(out_dir, force=force)  # again: something may have appeared while we were writing
+        check_bundle_destination(out_dir, force=force)  # again: something may have appeared meanwhile
     return out_dir
 
 

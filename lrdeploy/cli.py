@@ -517,8 +517,7 @@ Precision = typer.Option(
     "--precision",
     help="Judge output parity with this preset: fp32, fp16, bf16 or int8 (docs/parity.md); a miss exits 1. "
     "A preset compares the SAME model in another precision or runtime (model.onnx vs model.int8.onnx, "
-    "a bundle "
-    "vs its export); a compressed model differs from the dense one by design: gate it with "
+    "a bundle vs its export); a compressed model differs from the dense one by design: gate it with "
     "--max-accuracy-drop / --min-agreement instead.",
 )
 

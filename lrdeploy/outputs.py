@@ -18,13 +18,11 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from lrdeploy.atomic import exists as _exists
+from lrdeploy.atomic import recover
 from lrdeploy.errors import UserError
 
 FORCE_HINT = "pass --force to replace it, or choose another path"
-
-
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()
 
 
 def _resolved(path: Path) -> Path:
@@ -34,16 +32,20 @@ def _resolved(path: Path) -> Path:
         return path.absolute()
 
 
+# A bundle's names live here (not in lrdeploy.bundle, which imports torch) so the CLI can check --out at once.
+BUNDLE_FORMAT = "lrdeploy-bundle"
+BUNDLE_MANIFEST = "manifest.json"
+BUNDLE_WEIGHTS = "weights.safetensors"
+BUNDLE_FILES = frozenset({BUNDLE_MANIFEST, BUNDLE_WEIGHTS})
+
+
 def is_bundle_dir(path: Path) -> bool:
     """A directory holding an lrdeploy bundle manifest (cheap; does not validate it)."""
     try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        manifest = json.loads((path / BUNDLE_MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(manifest, dict) and manifest.get("format") == "lrdeploy-bundle"
-
-
-BUNDLE_FILES = frozenset({"manifest.json", "weights.safetensors"})
+    return isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT
 
 
 def is_replaceable_bundle(path: Path) -> bool:
@@ -85,8 +87,6 @@ class Outputs:
     """The outputs of one command run, each checked against the rules above when declared."""
 
     def __init__(self, *, force: bool = False, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
-        from lrdeploy.atomic import recover
-
         self.force = force
         self.inputs: list[Path] = [Path(p) for p in inputs if p is not None]
         self.claimed: list[tuple[Path, str, bool]] = []  # (resolved target, flag, a whole directory)
@@ -133,8 +133,6 @@ class Outputs:
         if path is None:
             return None
         path = Path(path)
-        if str(path) == "-":
-            return path
         self._not_an_input(path, flag)
         if path.is_dir():
             raise UserError(f"{flag} {path} is a directory", f"give a file path, e.g. {flag} result.json")

@@ -88,16 +88,12 @@ def is_golden_dir(path: Path) -> bool:
     return bool(entries) and entries <= set(GOLDEN_FILES)
 
 
-def _check_destination(out: Path, force: bool = False) -> None:
-    """Replace only a golden set (with ``force``) or fill an empty directory: never the user's other files."""
+def check_destination(out: str | Path, force: bool = False) -> None:
+    """Fail before any work when ``out`` could not take a golden set: new or empty, or with ``force`` a
+    golden set; never the user's other files."""
     from lrdeploy.outputs import Outputs
 
     Outputs(force=force).directory(out, "--save-golden", what="golden set", is_ours=is_golden_dir)
-
-
-def check_destination(out: str | Path, force: bool = False) -> None:
-    """Fail before any work when ``out`` could not take a golden set (call it before a long compare)."""
-    _check_destination(Path(out), force)
 
 
 def save_golden(
@@ -119,7 +115,7 @@ def save_golden(
     from lrdeploy import __version__
 
     out = Path(out_dir)
-    _check_destination(out, force)
+    check_destination(out, force)
     tol = get_tolerance(precision)
     x = np.ascontiguousarray(np.asarray(inputs))
     outs = dict(outputs) if isinstance(outputs, Mapping) else {"output": outputs}
