@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from lrdeploy import bench_cmd
-from lrdeploy.cli_checks import DAY_S, OneLineUsageGroup, check_arguments
+from lrdeploy.cli_checks import DAY_S, OneLineUsageGroup, check_arguments, print_error
 from lrdeploy.errors import UserError
 
 app = typer.Typer(
@@ -43,8 +43,7 @@ def user_errors(fn: F) -> F:
             with downloads_allowed(bool(kwargs.get("download"))):  # --download, for the whole command
                 return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print("[bold red]error:[/] ", end="", soft_wrap=True)
-            err_console.print(e.one_line(), markup=False, soft_wrap=True, highlight=False)
+            print_error(e.one_line())
             raise typer.Exit(code=UserError.exit_code) from None
         except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
             raise
@@ -374,7 +373,7 @@ def export(
         raise UserError(f"--out {out} must end in .onnx", "e.g. --out model.onnx")
     family = export_family(Path(out))
     Outputs(force=force, inputs=[bundle]).family(out, "--out", family)
-    from lrdeploy.cli_checks import check_opset
+    from lrdeploy.exporters.onnx import check_opset
 
     check_opset(opset)  # before any work: an unsupported opset used to export 18 and record the request
     from lrdeploy.cli_checks import check_artifact_batch_fits

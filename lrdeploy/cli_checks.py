@@ -157,14 +157,6 @@ def check_finite(
     return value
 
 
-def check_opset(opset: int) -> int:
-    """The ONNX opset the installed exporters can write (else one line naming the supported range), checked
-    before an export starts."""
-    from lrdeploy.exporters.onnx import check_opset as exporter_check_opset
-
-    return exporter_check_opset(opset)
-
-
 def check_int64(value: int, flag: str) -> int:
     """Integers past 64 bits parse in Python but overflow in numpy and torch."""
     if not -INT64_MAX - 1 <= value <= INT64_MAX:
