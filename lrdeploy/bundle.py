@@ -91,13 +91,16 @@ def save_bundle(
     metrics: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
     input_shape: tuple[int, ...] | None = None,
+    task: str | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``model`` as a bundle at ``out_dir``; return the path.
 
     An existing bundle there is replaced (atomically, crash-safe) only with ``force``.
 
-    ``input_shape`` (one sample, no batch) defaults to the registry's shape for ``model_name``.
+    ``input_shape`` (one sample, no batch) defaults to the registry's shape for ``model_name``; ``task``
+    to the task the model spec declares. The manifest records both, and how the model is built (its source:
+    the zoo, a user's module imported by name, a Hugging Face directory).
     """
     from lrdeploy.flops import count_flops, count_params
     from lrdeploy.layers.structure import describe
@@ -107,8 +110,9 @@ def save_bundle(
     check_bundle_destination(out_dir, force=force)
     if extra and (clash := sorted(set(extra) & _RESERVED)):
         raise ValueError(f"extra manifest keys {clash} would overwrite the bundle's own fields")
+    spec = get_spec(model_name)
     if input_shape is None:
-        input_shape = tuple(get_spec(model_name).input_shape)
+        input_shape = tuple(spec.input_shape)
     was_training = model.training
     model.eval()
     try:
@@ -121,7 +125,9 @@ def save_bundle(
         "format_version": FORMAT_VERSION,
         "lrdeploy_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": model_name, "args": dict(model_args), "input_shape": [int(d) for d in input_shape]},
+        "model": {"name": model_name, "args": dict(model_args), "input_shape": [int(d) for d in input_shape],
+                  "task": task or spec.task, "source": spec.source,
+                  **({"inputs": [i.to_dict() for i in spec.inputs]} if spec.inputs else {})},
         "structure": describe(model),
         "method": dict(method),
         "dataset": dict(dataset),

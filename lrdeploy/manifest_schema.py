@@ -352,7 +352,10 @@ def check_model_args(name: str, args: Mapping[str, Any], path: JsonPath = ("mode
     line, rather than as a traceback inside the model's constructor.
     """
     import lrdeploy.models  # noqa: F401  (registers the model zoo)
-    from lrdeploy.models.registry import get_spec, list_models
+    from lrdeploy.models.registry import get_spec, list_models, model_source
+
+    if model_source(name) is not None:  # a user's module or a Hugging Face directory: checking its arguments
+        return  # here would import code or read files; its source checks them when it builds the model
 
     try:
         spec = get_spec(name)
@@ -460,7 +463,10 @@ def _manifest_spec(required: bool) -> Obj:
         "created": opt(Str(64)),
         "model": need(Obj(
             {"name": req(_NAME), "args": opt(Map(Json(finite=True), max_keys=256)),
-             "input_shape": need(_INPUT_SHAPE)},
+             "input_shape": need(_INPUT_SHAPE), "task": opt(Str(64)), "source": opt(Str(32)),
+             "inputs": opt(List(Obj({"name": req(_NAME), "shape": req(List(Int(1, MAX_DIM), 0, MAX_RANK)),
+                                     "dtype": req(Str(32)), "dynamic": opt(List(Json(), 0, MAX_RANK))}),
+                                1, 64))},
             # a bundle is rebuilt from the registry; a bare module's export may name a model of its own
             cross=_model_cross if required else _shape_cross,
         )),

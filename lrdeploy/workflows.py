@@ -12,32 +12,17 @@ from rich.table import Table
 from lrdeploy.errors import UserError
 
 
-def _dataset_record(ds: Any, train_examples: int | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {"name": ds.name, "preprocess": ds.preprocess}
-    if train_examples is not None:
-        record["train_examples"] = train_examples
-    return record
-
-
-
-# Optimiser settings left unset (None) in a TrainRequest take the task's defaults: SGD recipes for the image
-# classifiers, AdamW with warm-up for translation (plain SGD trains a Transformer poorly).
-CLASSIFICATION_DEFAULTS: dict[str, Any] = {"lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine"}
-TRANSLATION_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.01, "schedule": "inverse_sqrt"}
-TRANSLATION_MAX_LEN = 64  # data max_len (with <bos>/<eos>); no Multi30k sentence is cut at 64
-
-
 @dataclass
 class TrainRequest:
-    """Everything `lrdeploy train` needs; defaults are the CLI's (``None``: the task's default, see above)."""
+    """Everything `lrdeploy train` needs; defaults are the CLI's (``None``: the task's default)."""
 
     model_name: str = "lenet5"
-    dataset: str = "mnist"
+    dataset: str | None = None  # None: the task's default dataset
     data_dir: Path | None = None
     method: str = "dense"
     method_settings: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 2
+    epochs: int | None = None
     batch_size: int = 128
     lr: float | None = None
     weight_decay: float | None = None
@@ -49,42 +34,38 @@ class TrainRequest:
     out: Path = Path("runs/bundle")
     progress: bool = True
     force: bool = False  # replace an existing bundle at ``out``
+    task: str | None = None  # None: the task the model declares
 
 
-def _setting(req: TrainRequest, name: str, defaults: dict[str, Any]) -> Any:
-    value = getattr(req, name)
-    return defaults[name] if value is None else value
+def resolve_task(spec: Any, dataset: str | None, task: str | None = None) -> tuple[Any, str]:
+    """(task, dataset name) for a model: the task the model declares (or ``task`` when given for a model
+    that declares none), checked against the dataset. Never inferred from the number of inputs."""
+    from lrdeploy.tasks import get_task, task_for_dataset
 
-
-def is_translation_dataset(name: str) -> bool:
-    from lrdeploy.data.multi30k import TRANSLATION_DATASETS
-
-    return name.strip().lower().replace("_", "-") in TRANSLATION_DATASETS
-
-
-def _check_task(spec: Any, dataset: str, translation: bool) -> None:
-    if spec.multi_input and not translation:
-        raise UserError(
-            f"model {spec.name} is a translation model and {dataset} is not a translation dataset",
-            "use --data multi30k",
-        )
-    if translation and not spec.multi_input:
-        raise UserError(
-            f"{dataset} is a translation dataset and model {spec.name} is not a translation model",
-            "use --model transformer",
-        )
+    chosen = get_task(task or spec.task)
+    if task is not None and spec.task and spec.task != chosen.name and spec.source == "registry":
+        raise UserError(f"model {spec.name} is a {spec.task} model, not {chosen.name}",
+                        f"drop --task or use --task {spec.task}")
+    name = dataset or chosen.default_dataset
+    if name is None:
+        raise UserError(f"task {chosen.name} has no built-in dataset", "name one with --data")
+    if not chosen.accepts_dataset(name):
+        other = task_for_dataset(name)
+        fix = (f"use --data {chosen.default_dataset}" if chosen.default_dataset else "pick a matching --data")
+        what = f"a {other.name} dataset" if other is not None else "not a dataset this task reads"
+        raise UserError(f"model {spec.name} is a {chosen.name} model and {name} is {what}", fix)
+    return chosen, name
 
 
 def train_bundle(req: TrainRequest) -> dict[str, Any]:
-    """Train a registry model with a method (dense, cuttlefish, maestro …) and write its bundle.
+    """Train a model with a method (dense, cuttlefish, maestro …) for its task and write its bundle.
 
     The method is a trainer hook from :mod:`lrdeploy.methods`; what it learnt (ranks, switch epoch,
     stable-rank history …) goes into the manifest under ``method``, with the training settings beside it.
-    A translation model on a translation dataset (``--model transformer --data multi30k``) goes through
-    :func:`train_translation_bundle`.
+    The task (:mod:`lrdeploy.tasks`) loads the data, supplies the loss and metrics, and records what the
+    bundle needs to read its data again (e.g. a translation model's tokenizers).
     """
     from lrdeploy.bundle import check_output_dir, save_bundle
-    from lrdeploy.data import load_dataset
     from lrdeploy.layers.maestro import compact
     from lrdeploy.methods import get_method
     from lrdeploy.models import create_model, get_spec
@@ -92,41 +73,36 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
 
     check_output_dir(req.out, force=req.force)
     spec = get_spec(req.model_name)
-    translation = is_translation_dataset(req.dataset)
-    _check_task(spec, req.dataset, translation)
-    if translation:
-        return train_translation_bundle(req)
+    task, ds_name = resolve_task(spec, req.dataset, req.task)
     hook = None if req.method == "dense" else get_method(req.method, **req.method_settings)
     if hook is None and req.method_settings:
         raise UserError("--method-opt was given but --method is dense", "drop it or choose a method")
-    config = TrainConfig(
-        epochs=req.epochs,
-        batch_size=req.batch_size,
-        lr=_setting(req, "lr", CLASSIFICATION_DEFAULTS),
-        weight_decay=_setting(req, "weight_decay", CLASSIFICATION_DEFAULTS),
-        schedule=_setting(req, "schedule", CLASSIFICATION_DEFAULTS),
-        seed=req.seed,
-        limit_train=req.limit_train,
-        progress=req.progress,
+    config = TrainConfig.for_task(
+        task, epochs=req.epochs, batch_size=req.batch_size, lr=req.lr, weight_decay=req.weight_decay,
+        schedule=req.schedule, seed=req.seed, limit_train=req.limit_train, progress=req.progress,
         augment=req.augment,
     )
-    train_set = load_dataset(req.dataset, "train", data_dir=req.data_dir, limit=req.limit_train)
-    test_set = load_dataset(req.dataset, "test", data_dir=req.data_dir, limit=req.limit_test)
-    model_args = model_args_for(spec, train_set, req.model_args)
+    settings = {**spec.default_args, **req.model_args}
+    train_set = task.load(ds_name, "train", data_dir=req.data_dir, limit=req.limit_train, model_args=settings)
+    test_set = task.load(ds_name, "test", data_dir=req.data_dir, limit=req.limit_test,
+                         manifest=task.manifest_extra(train_set), model_args=settings)
+    model_args = task.model_args(spec, train_set, req.model_args)
     torch.manual_seed(req.seed)  # the initial weights are part of the run: seed them too
     model = create_model(req.model_name, **model_args)
-    check_model_accepts(model, train_set, req.model_name, req.dataset)
+    task.check_model(model, train_set, req.model_name, ds_name)
     if hook is not None and hasattr(hook, "prepare"):
         model = hook.prepare(model)
-    result = train(model, train_set, test_set, config, hooks=[hook] if hook is not None else [])
+    result = train(model, train_set, test_set, config, hooks=[hook] if hook is not None else [], task=task)
     model = compact(result.model)  # Maestro keeps dead components in storage while training; drop them
-    metrics = {
-        "test_accuracy": result.test_accuracy,
+    metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.metrics.items()}
+    metrics.update({
+        "test_samples": len(test_set),
         "train_loss": result.train_loss,
         "train_seconds": result.seconds,
         "train_samples_per_s": result.samples_per_s,
+        "train_rate_unit": task.rate_unit,
         "history": result.history,
-    }
+    })
     method = hook.manifest_record() if hook is not None else {"name": "dense"}
     method["train"] = config.to_dict()
     save_bundle(
@@ -135,133 +111,20 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
         force=req.force,
         model_name=req.model_name,
         model_args=model_args,
-        input_shape=tuple(train_set.x.shape[1:]),
+        input_shape=_sample_shape(spec, train_set),
+        task=task.name,
         method=method,
-        dataset=_dataset_record(train_set, len(train_set)),
+        dataset=task.dataset_record(train_set, len(train_set)),
         metrics=metrics,
+        extra=task.manifest_extra(train_set) or None,
     )
     return metrics
 
 
-def train_translation_bundle(req: TrainRequest) -> dict[str, Any]:
-    """Train a translation model (:func:`lrdeploy.seq2seq.train_translation`) and write its bundle.
-
-    Tokenizers come from the whole training split (limited and full runs share ids) and are stored in the
-    manifest (``tokenizers``) so the bundle can be evaluated and compared later without rebuilding them.
-    Metrics: teacher-forced loss, perplexity and token accuracy and greedy BLEU on the test split (its first
-    ``limit_test`` pairs), after the last epoch.
-    """
-    from lrdeploy.bundle import check_output_dir, save_bundle
-    from lrdeploy.data.multi30k import build_tokenizers, load_translation
-    from lrdeploy.layers.maestro import compact
-    from lrdeploy.methods import get_method
-    from lrdeploy.models import create_model, get_spec
-    from lrdeploy.seq2seq import TranslationConfig, train_translation
-
-    check_output_dir(req.out, force=req.force)
-    spec = get_spec(req.model_name)
-    if req.augment is not None:
-        raise UserError("data augmentation does not apply to translation", hint="drop --augment")
-    hook = None if req.method == "dense" else get_method(req.method, **req.method_settings)
-    if hook is None and req.method_settings:
-        raise UserError("--method-opt was given but --method is dense", "drop it or choose a method")
-    config = TranslationConfig(
-        epochs=req.epochs,
-        batch_size=req.batch_size,
-        lr=_setting(req, "lr", TRANSLATION_DEFAULTS),
-        weight_decay=_setting(req, "weight_decay", TRANSLATION_DEFAULTS),
-        schedule=_setting(req, "schedule", TRANSLATION_DEFAULTS),
-        seed=req.seed,
-        limit_train=req.limit_train,
-        progress=req.progress,
-    )
-    model_max = req.model_args.get("max_len", spec.default_args.get("max_len", TRANSLATION_MAX_LEN))
-    max_len = min(TRANSLATION_MAX_LEN, int(model_max)) if isinstance(model_max, int) else TRANSLATION_MAX_LEN
-    tokenizers = build_tokenizers(req.dataset, req.data_dir)
-    train_set = load_translation(
-        req.dataset, "train", req.data_dir, limit=req.limit_train, tokenizers=tokenizers, max_len=max_len
-    )
-    test_set = load_translation(
-        req.dataset, "test", req.data_dir, limit=req.limit_test, tokenizers=tokenizers, max_len=max_len
-    )
-    model_args = {"src_vocab": len(tokenizers[0]), "tgt_vocab": len(tokenizers[1]), **req.model_args}
-    torch.manual_seed(req.seed)  # the initial weights are part of the run: seed them too
-    model = create_model(req.model_name, **model_args)
-    _check_translation_model(model, train_set, req.model_name, req.dataset)
-    if hook is not None and hasattr(hook, "prepare"):
-        model = hook.prepare(model)
-    result = train_translation(model, train_set, test_set, config, hooks=[hook] if hook is not None else [])
-    model = compact(result.model)  # Maestro keeps dead components in storage while training; drop them
-    metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.metrics.items()}
-    metrics.update(
-        {
-            "test_samples": len(test_set),
-            "train_loss": result.train_loss,
-            "train_seconds": result.seconds,
-            "train_tokens_per_s": result.tokens_per_s,
-            "history": result.history,
-        }
-    )
-    method = hook.manifest_record() if hook is not None else {"name": "dense"}
-    method["train"] = config.to_dict()
-    dataset = _dataset_record(train_set, len(train_set))
-    dataset["task"] = "translation"
-    save_bundle(
-        req.out,
-        model,
-        force=req.force,
-        model_name=req.model_name,
-        model_args=model_args,
-        input_shape=tuple(spec.input_shape),  # nominal (source length), for the FLOP count
-        method=method,
-        dataset=dataset,
-        metrics=metrics,
-        extra={"tokenizers": train_set.tokenizers_dict()},
-    )
-    return metrics
-
-
-def _check_translation_model(
-    model: torch.nn.Module, dataset: Any, model_name: str, dataset_name: str
-) -> None:
-    """One forward on one sentence pair, so a model/data mismatch is a clear error, not a deep traceback."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(dataset.src[:1], dataset.tgt_in[:1])
-    except (RuntimeError, IndexError) as exc:
-        raise UserError(
-            f"model {model_name} cannot take {dataset_name} sentence pairs ({exc})",
-            "check the --model-arg values (vocabulary sizes come from the data)",
-        ) from None
-    finally:
-        model.train(was_training)
-
-
-def model_args_for(spec: Any, dataset: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Constructor arguments that follow from the data (classes, input channels) plus the user's own."""
-    args: dict[str, Any] = {"num_classes": len(dataset.classes)}
-    if "in_channels" in spec.default_args:
-        args["in_channels"] = int(dataset.x.shape[1])
-    args.update(extra or {})
-    return args
-
-
-def check_model_accepts(model: torch.nn.Module, dataset: Any, model_name: str, dataset_name: str) -> None:
-    """One forward pass on one sample, so a model/dataset mismatch is a clear error, not a deep traceback."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(dataset.x[:1])
-    except RuntimeError:
-        raise UserError(
-            f"model {model_name} cannot take {dataset_name} inputs of shape {tuple(dataset.x.shape[1:])}",
-            "pick a model and dataset that match (see `lrdeploy models`)",
-        ) from None
-    finally:
-        model.train(was_training)
+def _sample_shape(spec: Any, data: Any) -> tuple[int, ...]:
+    """One sample's nominal shape: the data's for image inputs, else the spec's (e.g. a source length)."""
+    shape = getattr(data, "input_shape", None)
+    return tuple(int(d) for d in shape) if shape else tuple(spec.input_shape)
 
 
 def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | None, out: Path,
@@ -320,10 +183,9 @@ def compress_bundle(
     """
     from lrdeploy.bundle import check_output_dir, load_bundle, save_bundle
     from lrdeploy.compress import compress
-    from lrdeploy.data import load_dataset
     from lrdeploy.flops import count_params
     from lrdeploy.layers.svd import check_fraction
-    from lrdeploy.train import TrainConfig, evaluate, train
+    from lrdeploy.tasks import manifest_task
 
     if (rank_ratio is None) == (energy is None):
         raise UserError(
@@ -346,40 +208,12 @@ def compress_bundle(
         raise UserError(f"nothing to compress in {bundle_path}: {why}",
                         "compress a dense bundle, or export this one as it is (Maestro: --rank-budget)")
 
+    task = manifest_task(src.manifest)
     ds_name = dataset or src.manifest.get("dataset", {}).get("name")
-    metrics: dict[str, Any] = {}
-    train_record: dict[str, Any] | None = None
-    extra: dict[str, Any] | None = None
-    from lrdeploy.translation_compare import is_translation_manifest
-
-    if is_translation_manifest(src.manifest):
-        model, metrics, train_record = _finetune_translation(
-            model, src.manifest, ds_name, data_dir, finetune_epochs, limit_train, lr, seed, progress
-        )
-        extra = {"tokenizers": src.manifest.get("tokenizers")}
-    elif ds_name:
-        test_set = load_dataset(ds_name, "test", data_dir=data_dir)
-        metrics["test_accuracy_before_finetune"] = evaluate(model, test_set)
-        metrics["test_accuracy"] = metrics["test_accuracy_before_finetune"]
-        if finetune_epochs > 0:
-            train_set = load_dataset(ds_name, "train", data_dir=data_dir, limit=limit_train)
-            config = TrainConfig(
-                epochs=finetune_epochs,
-                lr=0.01 if lr is None else lr,
-                seed=seed,
-                limit_train=limit_train,
-                progress=progress,
-            )
-            result = train(model, train_set, test_set, config)
-            model = result.model
-            metrics["test_accuracy"] = result.test_accuracy
-            metrics["finetune_seconds"] = result.seconds
-            train_record = config.to_dict()
-    elif finetune_epochs > 0:
-        raise UserError(
-            f"bundle {bundle_path} records no dataset, so there is nothing to fine-tune on",
-            "pass --data mnist (or fashion-mnist)",
-        )
+    model, metrics, train_record = evaluate_and_finetune(
+        model, task, src.manifest, ds_name, data_dir=data_dir, epochs=finetune_epochs,
+        limit_train=limit_train, lr=lr, seed=seed, progress=progress, source=bundle_path)
+    extra = task.manifest_extra_from(src.manifest) or None
 
     method = {
         "name": "svd",
@@ -391,13 +225,14 @@ def compress_bundle(
     }
     if train_record:
         method["finetune"] = train_record
-    ds_record = src.manifest.get("dataset", {}) if not dataset else {"name": dataset}
+    ds_record = src.manifest.get("dataset", {}) if not dataset else {"name": dataset, "task": task.name}
     save_bundle(
         out,
         model,
         force=force,
         model_name=src.manifest["model"]["name"],
         model_args=src.manifest["model"]["args"],
+        task=task.name,
         method=method,
         dataset=ds_record,
         metrics=metrics,
@@ -411,34 +246,36 @@ def compress_bundle(
     }
 
 
-TRANSLATION_FINETUNE_LR = 3e-4  # peak AdamW rate for recovering a compressed, already trained Transformer
-
-
-def _finetune_translation(model: torch.nn.Module, manifest: dict[str, Any], ds_name: str | None,
+def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str, Any], ds_name: str | None, *,
                           data_dir: Path | None, epochs: int, limit_train: int | None, lr: float | None,
-                          seed: int, progress: bool) -> tuple[torch.nn.Module, dict[str, Any], dict | None]:
-    """Evaluate a compressed translation model (perplexity, token accuracy, BLEU); optionally fine-tune it."""
-    from lrdeploy.data.multi30k import load_translation, tokenizers_from_dict
-    from lrdeploy.seq2seq import TranslationConfig, evaluate_translation, train_translation
+                          seed: int, progress: bool, source: Path | str = "the bundle",
+                          ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
+    """Evaluate a compressed model on its task's test split and optionally fine-tune it with the one trainer.
 
-    if not ds_name or not manifest.get("tokenizers"):
+    Returns (model, metrics: ``test_<metric>`` after and ``test_<metric>_before_finetune``, the fine-tune's
+    training settings or None). The fine-tune takes the task's ``finetune_defaults`` (a lower learning rate
+    than training from scratch); ``lr`` overrides it.
+    """
+    from lrdeploy.train import TrainConfig, train
+
+    if not ds_name:
         if epochs > 0:
-            raise UserError("this translation bundle records no dataset or tokenizers to fine-tune with",
-                            "re-train it with `lrdeploy train --model transformer --data multi30k`")
+            raise UserError(f"{source} records no dataset, so there is nothing to fine-tune on",
+                            f"pass --data (e.g. --data {task.default_dataset or 'NAME'})")
         return model, {}, None
-    tokenizers = tokenizers_from_dict(manifest["tokenizers"])
-    max_len = min(TRANSLATION_MAX_LEN, int(getattr(model, "max_len", TRANSLATION_MAX_LEN)))
-    test_set = load_translation(ds_name, "test", data_dir, tokenizers=tokenizers, max_len=max_len)
-    before = evaluate_translation(model.eval(), test_set)
+    model_args = (manifest.get("model") or {}).get("args") or {}
+    test_set = task.load(ds_name, "test", data_dir=data_dir, manifest=manifest, model_args=model_args)
+    before = task.evaluate_model(model.eval(), test_set)
     metrics: dict[str, Any] = {f"test_{k}_before_finetune": v for k, v in before.items()}
     metrics.update({f"test_{k}": v for k, v in before.items()})
     if epochs == 0:
         return model, metrics, None
-    config = TranslationConfig(epochs=epochs, lr=TRANSLATION_FINETUNE_LR if lr is None else lr, seed=seed,
-                               warmup_steps=100, limit_train=limit_train, progress=progress)
-    train_set = load_translation(ds_name, "train", data_dir, limit=limit_train, tokenizers=tokenizers,
-                                 max_len=max_len)
-    result = train_translation(model, train_set, test_set, config)
+    config = TrainConfig.for_task(task, **{**task.finetune_defaults, "epochs": epochs, "seed": seed,
+                                           "limit_train": limit_train, "progress": progress,
+                                           **({"lr": lr} if lr is not None else {})})
+    train_set = task.load(ds_name, "train", data_dir=data_dir, limit=limit_train, manifest=manifest,
+                          model_args=model_args)
+    result = train(model, train_set, test_set, config, task=task)
     metrics.update({f"test_{k}": v for k, v in result.metrics.items()})
     metrics["finetune_seconds"] = result.seconds
     return result.model, metrics, config.to_dict()

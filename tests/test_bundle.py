@@ -75,7 +75,8 @@ def test_dense_round_trip_is_exact(tmp_path):
     assert loaded.manifest == on_disk
     m = loaded.manifest
     assert m["format"] == "lrdeploy-bundle" and m["format_version"] == 1
-    assert m["model"] == {"name": "lenet5", "args": {"num_classes": 10}, "input_shape": [1, 28, 28]}
+    assert m["model"] == {"name": "lenet5", "args": {"num_classes": 10}, "input_shape": [1, 28, 28],
+                          "task": "classification", "source": "registry"}
     for key in ("method", "dataset", "metrics"):
         assert m[key] == META[key], key
     assert m["note"] == "hello"

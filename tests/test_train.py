@@ -223,7 +223,7 @@ def test_a_too_high_learning_rate_diverges_into_the_one_line_error(mnist_small):
 
 def test_the_translation_loop_stops_on_a_nonfinite_loss(data_dir):
     from lrdeploy.data.multi30k import build_tokenizers, load_translation
-    from lrdeploy.seq2seq import TranslationConfig, train_translation
+    from lrdeploy.seq2seq import TranslationConfig
 
     tokenizers = build_tokenizers(data_dir=data_dir)
     data = load_translation("multi30k", "train", data_dir, limit=64, tokenizers=tokenizers)
@@ -244,4 +244,4 @@ def test_the_translation_loop_stops_on_a_nonfinite_loss(data_dir):
 
     config = TranslationConfig(epochs=1, batch_size=16, progress=False, num_threads=1)
     with pytest.raises(UserError, match="loss became NaN at epoch 1 step 2"):
-        train_translation(model, data, None, config, hooks=[Poison()])
+        train(model, data, None, config, hooks=[Poison()], task="translation")

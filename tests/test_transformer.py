@@ -33,10 +33,10 @@ from lrdeploy.seq2seq import (
     corpus_bleu,
     evaluate_translation,
     greedy_decode,
-    train_translation,
     translate,
-    translation_lr_at,
 )
+from lrdeploy.train import lr_at
+from lrdeploy.train import train as run_training
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj", "ff1", "ff2")
 
@@ -359,13 +359,13 @@ def test_bleu_hand_computed_cases():
 
 def test_config_and_schedule():
     cfg = TranslationConfig(lr=1e-3, warmup_steps=10)
-    assert translation_lr_at(cfg, 9, 100) == pytest.approx(1e-3)
-    assert translation_lr_at(cfg, 39, 100) == pytest.approx(5e-4)
-    assert translation_lr_at(TranslationConfig(schedule="cosine", warmup_steps=0), 100, 100) == pytest.approx(
+    assert lr_at(cfg, 9, 100) == pytest.approx(1e-3)
+    assert lr_at(cfg, 39, 100) == pytest.approx(5e-4)
+    assert lr_at(TranslationConfig(schedule="cosine", warmup_steps=0), 100, 100) == pytest.approx(
         0
     )
     with pytest.raises(UserError, match="schedule"):
-        TranslationConfig(schedule="step")
+        TranslationConfig(schedule="linear")
     with pytest.raises(UserError, match="epochs"):
         TranslationConfig(epochs=0)
 
@@ -394,11 +394,11 @@ def test_one_epoch_lowers_validation_perplexity(data_dir, tokenizers):
             calls.append("eval")
 
     config = TranslationConfig(epochs=1, batch_size=64, lr=2e-3, warmup_steps=4, progress=False)
-    result = train_translation(model, train, val, config, hooks=[Spy()])
+    result = run_training(model, train, val, config, hooks=[Spy()], task="translation")
     after = result.metrics
     assert after["perplexity"] < before["perplexity"] / 4
     assert after["token_accuracy"] > before["token_accuracy"]
-    assert 0.0 <= after["bleu"] <= 100.0 and result.history[0]["val_perplexity"] == after["perplexity"]
+    assert 0.0 <= after["bleu"] <= 100.0 and result.history[0]["test_perplexity"] == after["perplexity"]
     assert calls[0] == "start" and calls.count("loss") == 16 and calls[-1] == "eval"
     out = translate(result.model, ["Ein Hund läuft."], *tokenizers, max_len=8)
     assert isinstance(out[0], str)

@@ -342,6 +342,7 @@ def _positive(name: str, value: object) -> int:
     input_shape=(32,),
     num_classes=0,
     description="Pre-LN Transformer encoder-decoder for translation (two int64 inputs: src, tgt_in)",
+    task="translation",
     inputs=(
         InputSpec("src", (32,), "int64", ("src_len",)),
         InputSpec("tgt_in", (32,), "int64", ("tgt_len",)),
