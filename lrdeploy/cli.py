@@ -278,6 +278,12 @@ def compress(
     lr: float | None = typer.Option(None, "--lr",
                              help="Fine-tuning learning rate (default 0.01; translation: 3e-4, AdamW)."),
     seed: int = typer.Option(0, "--seed"),
+    activation_aware: bool = typer.Option(
+        False, "--activation-aware",
+        help="Choose each layer's factors by the error of its outputs on calibration inputs from the "
+             "bundle's training data (SVD-LLM whitening), not by the error of its weights."),
+    calib_samples: int = typer.Option(256, "--calib-samples", min=1,
+                                      help="Training examples for --activation-aware's statistics."),
     out: Path = typer.Option(..., "--out", help="Low-rank bundle directory to write."),
     force: bool = Force,
 ) -> None:
@@ -302,6 +308,8 @@ def compress(
         seed=seed,
         out=out,
         force=force,
+        activation_aware=activation_aware,
+        calib_samples=calib_samples,
     )
     console.print(result["table"])
     console.print(f"low-rank bundle written to [bold]{out}[/]")

@@ -161,6 +161,9 @@ def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | 
     )
 
 
+DEFAULT_CALIB_SAMPLES = 256  # activation-aware SVD: a few hundred examples settle XᵀX
+
+
 def compress_bundle(
     bundle_path: Path,
     *,
@@ -175,16 +178,20 @@ def compress_bundle(
     out: Path,
     progress: bool = True,
     force: bool = False,
+    activation_aware: bool = False,
+    calib_samples: int = DEFAULT_CALIB_SAMPLES,
 ) -> dict[str, Any]:
     """Post-training path: SVD-compress a bundle, evaluate, optionally fine-tune, write a low-rank bundle.
 
     ``lr`` defaults to 0.01 (SGD) for classifiers and :data:`TRANSLATION_FINETUNE_LR` (AdamW) for translation
     models, which are evaluated and fine-tuned on their own sentence pairs with the bundle's tokenizers.
+    ``activation_aware`` whitens each layer's SVD by its inputs on ``calib_samples`` training examples of
+    the bundle's dataset (the registered "svd" method, :mod:`lrdeploy.methods.svd`).
     """
     from lrdeploy.bundle import check_output_dir, load_bundle, save_bundle
-    from lrdeploy.compress import compress
     from lrdeploy.flops import count_params
     from lrdeploy.layers.svd import check_fraction
+    from lrdeploy.methods import get_method
     from lrdeploy.tasks import manifest_task
 
     if (rank_ratio is None) == (energy is None):
@@ -195,11 +202,21 @@ def compress_bundle(
         check_fraction(rank_ratio, "rank ratio", "--rank-ratio")
     if energy is not None:
         check_fraction(energy, "energy", "--energy")
+    if not (isinstance(calib_samples, int) and calib_samples >= 1):
+        raise UserError(f"--calib-samples must be a positive integer, got {calib_samples!r}", "e.g. 256")
+    method_obj = get_method("svd", stage="post-training", rank_ratio=rank_ratio, energy=energy,
+                            activation_aware=activation_aware)
     check_output_dir(out, force=force, inputs=(bundle_path,))
     src = load_bundle(bundle_path)
     model = src.model
     dense_params = count_params(model)
-    report = compress(model, rank_ratio=rank_ratio, energy=energy)
+    task = manifest_task(src.manifest)
+    ds_name = dataset or src.manifest.get("dataset", {}).get("name")
+    calibration, calib_record = None, None
+    if activation_aware:
+        calibration, calib_record = calibration_inputs(task, src.manifest, model, ds_name, data_dir=data_dir,
+                                                       samples=calib_samples, source=bundle_path)
+    report = method_obj.apply(model, calibration=calibration)
     if not report.compressed:
         low_rank = [layer.name for layer in report.layers if layer.skipped == "already low-rank"]
         method_name = (src.manifest.get("method") or {}).get("name")
@@ -208,21 +225,19 @@ def compress_bundle(
         raise UserError(f"nothing to compress in {bundle_path}: {why}",
                         "compress a dense bundle, or export this one as it is (Maestro: --rank-budget)")
 
-    task = manifest_task(src.manifest)
-    ds_name = dataset or src.manifest.get("dataset", {}).get("name")
     model, metrics, train_record = evaluate_and_finetune(
         model, task, src.manifest, ds_name, data_dir=data_dir, epochs=finetune_epochs,
         limit_train=limit_train, lr=lr, seed=seed, progress=progress, source=bundle_path)
     extra = task.manifest_extra_from(src.manifest) or None
 
     method = {
-        "name": "svd",
-        "rank_ratio": rank_ratio,
-        "energy": energy,
+        **method_obj.manifest_record(),  # name "svd", rank_ratio, energy, activation_aware, settings, log
         "finetune_epochs": finetune_epochs,
         "source_bundle": str(bundle_path),
         "source_weights_sha256": src.manifest.get("weights_sha256"),
     }
+    if calib_record:
+        method["calibration"] = calib_record
     if train_record:
         method["finetune"] = train_record
     ds_record = src.manifest.get("dataset", {}) if not dataset else {"name": dataset, "task": task.name}
@@ -244,6 +259,35 @@ def compress_bundle(
         "report": report,
         "table": _compression_table(report, dense_params, count_params(model)),
     }
+
+
+def calibration_inputs(task: Any, manifest: dict[str, Any], model: torch.nn.Module, ds_name: str | None, *,
+                       data_dir: Path | None, samples: int, source: Path | str = "the bundle",
+                       ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """(the model's positional inputs for ``samples`` training examples, their manifest record).
+
+    The task provides them (``task.feeds`` on the train split: images, sentence pairs, token ids …) in the
+    order of the model's forward (``task.input_names``), so activation-aware SVD works for any task.
+    """
+    import numpy as np
+
+    if not ds_name:
+        raise UserError(f"{source} records no dataset, so there are no calibration inputs",
+                        f"pass --data (e.g. --data {task.default_dataset or 'NAME'})")
+    model_args = (manifest.get("model") or {}).get("args") or {}
+    train_set = task.load(ds_name, "train", data_dir=data_dir, limit=samples, manifest=manifest,
+                          model_args=model_args)
+    n = min(samples, task.num_examples(train_set))
+    if n < 1:
+        raise UserError(f"the train split of {ds_name} is empty: no calibration inputs", "pass --data")
+    feeds = task.feeds(train_set, n)
+    names = task.input_names(model)
+    missing = [name for name in names if name not in feeds]
+    if missing:
+        raise UserError(f"task {task.name} gives no calibration input named {', '.join(missing)}",
+                        f"the model takes {', '.join(names)}; the task feeds {', '.join(feeds)}")
+    tensors = tuple(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names)
+    return tensors, {"samples": n, "dataset": ds_name, "split": "train", "inputs": list(names)}
 
 
 def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str, Any], ds_name: str | None, *,
@@ -282,19 +326,28 @@ def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str,
 
 
 def _compression_table(report: Any, dense_params: int, params: int) -> Table:
+    aware = getattr(report, "activation_aware", None)
+    how = f", activation-aware ({aware}, {report.calibration_samples} calibration samples)" if aware else ""
     table = Table(
-        title=f"SVD compression: {dense_params:,} → {params:,} parameters ({dense_params / params:.2f}×)"
+        title=f"SVD compression{how}: {dense_params:,} → {params:,} parameters ({dense_params / params:.2f}×)"
     )
-    for col in ("layer", "kind", "rank / full", "params before → after", "note"):
+    columns = ["layer", "kind", "rank / full", "params before → after"]
+    if aware:  # relative output error on the calibration inputs, and how much lower than plain SVD's
+        columns += ["output error: svd → aware", "reduction"]
+    for col in (*columns, "note"):
         table.add_column(col)
     for layer in report.layers:
-        table.add_row(
+        row = [
             layer.name,
             layer.kind,
             f"{layer.rank}/{layer.full_rank}" if layer.rank else f"—/{layer.full_rank}",
             f"{layer.params_before:,} → {layer.params_after:,}",
-            layer.skipped or "",
-        )
+        ]
+        if aware:
+            ratio = layer.error_reduction
+            row += [f"{layer.output_error_svd:.2%} → {layer.output_error:.2%}" if ratio is not None else "",
+                    f"{ratio:.2f}×" if ratio is not None else ""]
+        table.add_row(*row, layer.skipped or layer.note or "")
     return table
 
 

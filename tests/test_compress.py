@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -264,3 +265,87 @@ def test_multihead_attention_projection_is_kept_dense_and_the_model_still_runs()
     assert "MultiheadAttention" in (skipped["attn.out_proj"] or "")
     assert skipped["ff"] is None  # the layers around it are still factorised
     assert model(x).shape == (2, 10)  # and the model still runs
+
+
+def test_multihead_attention_in_proj_is_reported_and_the_model_compresses_exports_and_runs(tmp_path):
+    """The fused in_proj_weight is a bare Parameter, not a Linear: compress reports it as skipped; the
+    compressed model (out_proj dense, the layers around it factorised) exports to ONNX and matches PyTorch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from lrdeploy.exporters.onnx import export_onnx
+    from lrdeploy.methods.selection import MHA_IN_PROJ
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(16, 64)
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.ff = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            a, _ = self.attn(h, h, h, need_weights=False)
+            return self.head(torch.relu(self.ff(h + a)).mean(1))
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(3, 7, 16)
+    report = compress(model, rank_ratio=0.25, activation_aware=True, calibration=x)
+    rows = _by_name(report)
+    assert list(rows) == ["embed", "attn.in_proj_weight", "attn.out_proj", "ff", "head"]
+    assert rows["attn.in_proj_weight"].skipped == MHA_IN_PROJ
+    fused = rows["attn.in_proj_weight"]
+    assert fused.shape == (192, 64) and fused.params_before == fused.params_after == 192 * 65
+    assert "MultiheadAttention" in rows["attn.out_proj"].skipped
+    assert not isinstance(model.attn.out_proj, LowRankLinear)
+    assert isinstance(model.embed, LowRankLinear) and isinstance(model.ff, LowRankLinear)
+    assert "classifier" in rows["head"].skipped  # a user module: the last Linear outside the attention
+    saved = sum(r.params_before - r.params_after for r in report.layers)
+    assert report.model_params_before - report.model_params_after == saved  # in_proj rows count nothing twice
+
+    result = export_onnx(model, tmp_path / "mha.onnx", input_shape=(7, 16), optimize=False)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for batch in (1, 4):
+        xb = torch.randn(batch, 7, 16)
+        (got,) = session.run(None, {name: xb.numpy()})
+        with torch.no_grad():
+            ref = model(xb).numpy()
+        assert got.shape == (batch, 10)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- one layer-selection policy
+
+
+def test_selection_asks_the_model_spec_and_falls_back_to_first_conv_and_last_linear():
+    from lrdeploy.methods.cuttlefish import select_layers as cuttlefish_layers
+    from lrdeploy.methods.maestro import decompose
+    from lrdeploy.methods.selection import FALLBACK_CLASSIFIER, FALLBACK_STEM, SPEC_STEM, select_layers
+    from lrdeploy.models import ModelSpec, create_model
+    from lrdeploy.models.registry import spec_of
+
+    # a user module without a spec: first conv and last Linear
+    selected, kept = select_layers(_model())
+    assert selected == ["conv2", "classifier.0", "classifier.2"]
+    assert kept == {"conv1": FALLBACK_STEM, "classifier.4": FALLBACK_CLASSIFIER}
+
+    # a spec that names other modules is obeyed, patterns included, and nothing else is guessed
+    spec = ModelSpec("tiny", TinyLeNet, (1, 28, 28), 10, "", stem=("conv*",), classifier=("classifier.[24]",))
+    selected, kept = select_layers(_model(), spec=spec)
+    assert selected == ["classifier.0"] and set(kept) == {"conv1", "conv2", "classifier.2", "classifier.4"}
+    only_head = ModelSpec("tiny", TinyLeNet, (1, 28, 28), 10, "", classifier=("classifier.4",))
+    assert select_layers(_model(), spec=only_head)[0] == ["conv1", "conv2", "classifier.0", "classifier.2"]
+    assert select_layers(_model(), spec=spec, keep_stem=False)[0] == ["conv1", "conv2", "classifier.0"]
+
+    # zoo models carry their spec from create_model (through deepcopy too); every method uses it
+    lenet = create_model("lenet5")
+    assert spec_of(lenet).name == "lenet5" and spec_of(copy.deepcopy(lenet)).name == "lenet5"
+    assert select_layers(lenet)[1] == {"conv1": SPEC_STEM, "fc3": "classifier (named by the model spec)"}
+    report = compress(copy.deepcopy(lenet), rank_ratio=0.5)
+    assert [r.name for r in report.compressed] == ["conv2", "fc1", "fc2"]
+    assert "first conv" in _by_name(report)["conv1"].skipped
+    assert cuttlefish_layers(lenet)[0] == ["conv2", "fc1", "fc2"]
+    assert decompose(copy.deepcopy(lenet)) == ["conv2", "fc1", "fc2"]

@@ -23,6 +23,7 @@ class MethodHook:
     """
 
     name: str = ""
+    stage: str = "training"  # "training": a trainer hook; "post-training": ``apply(model)`` on a trained one
 
     def __init__(self) -> None:
         self.settings: dict[str, Any] = {}
@@ -51,18 +52,31 @@ def register_method(name: str) -> Callable[[M], M]:
     return decorate
 
 
-def list_methods() -> list[str]:
-    return sorted(_METHODS)
+def list_methods(stage: str | None = None) -> list[str]:
+    """Registered method names, optionally only those of one ``stage`` ("training", "post-training")."""
+    return sorted(k for k, cls in _METHODS.items() if stage is None or _stage(cls) == stage)
 
 
-def get_method(name: str, **settings: Any) -> Any:
-    """Build the hook object of a registered method; unknown names or settings are a UserError."""
+def _stage(cls: Any) -> str:
+    return getattr(cls, "stage", "training")
+
+
+def get_method(name: str, *, stage: str | None = "training", **settings: Any) -> Any:
+    """Build a registered method of ``stage`` (None: any); unknown names or settings are a UserError.
+
+    The default asks for a trainer hook, so ``train --method svd`` says svd runs on a trained model
+    instead of failing inside the training loop.
+    """
     key = name.strip().lower()
     if key not in _METHODS:
         close = difflib.get_close_matches(key, _METHODS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise UserError(f"unknown method '{name}'", hint=f"{hint}known methods: {', '.join(list_methods())}")
     factory = _METHODS[key]
+    if stage is not None and _stage(factory) != stage:
+        others = ", ".join(list_methods(stage)) or "none"
+        raise UserError(f"method '{key}' is a {_stage(factory)} method, not a {stage} one",
+                        getattr(factory, "usage", "") or f"{stage} methods: {others}")
     params = inspect.signature(factory).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(settings) - set(params))

@@ -49,6 +49,7 @@ from lrdeploy.layers.lowrank import LowRankConv2d, LowRankLayer, LowRankLinear
 from lrdeploy.layers.lowrank_bn import LowRankConv2dBN
 from lrdeploy.layers.structure import set_submodule
 from lrdeploy.layers.svd import as_2d, full_rank_of, svd_2d
+from lrdeploy.methods import selection
 from lrdeploy.methods.base import MethodHook, register_method
 
 # Slack for floor/ceil of ratios computed in floating point (e.g. an orthogonal matrix's Σs²/max s² can land
@@ -173,49 +174,19 @@ def detect_switch(
 _KEEP_BY_NAME = ("shortcut", "downsample")
 
 
+def _residual_shortcut(name: str, _module: nn.Module) -> str | None:
+    return "residual shortcut/downsample" if any(word in name for word in _KEEP_BY_NAME) else None
+
+
 def select_layers(model: nn.Module, exclude: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
     """(candidate layer names in module order, {layer kept dense: why}) — by module type and name only.
 
-    Kept dense: the stem (first Conv2d), the classifier (last Linear), residual shortcut/downsample layers,
-    grouped convs, Linears owned by nn.MultiheadAttention (its forward reads ``out_proj.weight`` directly),
-    layers already factorised, and names matching an ``exclude`` fnmatch pattern.
+    The shared policy (:func:`lrdeploy.methods.selection.select_layers`: the stem and classifier the model
+    spec names, else the first Conv2d and last Linear; grouped convs; nn.MultiheadAttention's projections;
+    layers already factorised; ``exclude`` fnmatch patterns) plus Cuttlefish's own rule: residual
+    shortcut/downsample layers stay dense.
     """
-    from fnmatch import fnmatchcase
-
-    layers: list[tuple[str, nn.Module]] = []
-    inside: list[str] = []  # low-rank layers and attention modules: their children are not separate layers
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        if isinstance(module, (LowRankLayer, nn.MultiheadAttention)):
-            inside.append(name)
-            if isinstance(module, LowRankLayer):
-                layers.append((name, module))
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            layers.append((name, module))
-    stem = next((n for n, m in layers if isinstance(m, (nn.Conv2d, LowRankConv2d))), None)
-    classifier = next((n for n, m in reversed(layers) if isinstance(m, (nn.Linear, LowRankLinear))), None)
-
-    candidates: list[str] = []
-    kept: dict[str, str] = {}
-    for name, module in layers:
-        if isinstance(module, LowRankLayer):
-            kept[name] = "already low-rank"
-        elif name == "":
-            kept[name] = "the root module cannot be replaced"
-        elif name == stem:
-            kept[name] = "stem (first conv)"
-        elif name == classifier:
-            kept[name] = "classifier (last Linear)"
-        elif any(word in name for word in _KEEP_BY_NAME):
-            kept[name] = "residual shortcut/downsample"
-        elif isinstance(module, nn.Conv2d) and module.groups != 1:
-            kept[name] = f"grouped conv (groups={module.groups})"
-        elif any(fnmatchcase(name, p) for p in exclude):
-            kept[name] = "matched an exclude pattern"
-        else:
-            candidates.append(name)
-    return candidates, kept
+    return selection.select_layers(model, exclude=exclude, rules=(_residual_shortcut,))
 
 
 def block_of(model: nn.Module, name: str) -> str:

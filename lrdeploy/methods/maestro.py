@@ -35,11 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrdeploy.compress import _as_patterns, _candidates, _matches
 from lrdeploy.errors import UserError
-from lrdeploy.layers.lowrank import LowRankConv2d, LowRankLayer, LowRankLinear
 from lrdeploy.layers.maestro import MaestroConv2d, MaestroLinear, maestro_layers
 from lrdeploy.layers.structure import set_submodule
+from lrdeploy.methods import selection
 from lrdeploy.methods.base import MethodHook, register_method
 
 MaestroLayer = MaestroLinear | MaestroConv2d
@@ -55,34 +54,19 @@ def decompose(
 ) -> list[str]:
     """Replace eligible nn.Linear/nn.Conv2d layers by full-rank Maestro layers IN PLACE; return their names.
 
-    Selection is by type and qualified name (fnmatch ``include``/``exclude``), with the same first-conv /
-    classifier policy as ``compress``. Grouped convs, the root module and already factorised layers are
-    left alone. At full rank the decomposed network computes the same function as the dense one.
+    Selection is the shared policy (:func:`lrdeploy.methods.selection.select_layers`: by type and qualified
+    name, fnmatch ``include``/``exclude``, the stem and classifier the model spec names — else the first conv
+    and last Linear — kept dense unless ``keep_first_conv``/``keep_classifier`` are False). Grouped convs,
+    the root module, nn.MultiheadAttention's projections and already factorised layers are left alone. At
+    full rank the decomposed network computes the same function as the dense one.
     """
-    include_p = _as_patterns(include, "include")
-    exclude_p = _as_patterns(exclude, "exclude")
-    candidates = _candidates(model)
-    # nn.MultiheadAttention reads out_proj.weight directly, so its projections cannot be swapped
-    fused = [n + "." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    first_conv = next((n for n, m in candidates if isinstance(m, (nn.Conv2d, LowRankConv2d))), None)
-    classifier = next((n for n, m in reversed(candidates) if isinstance(m, (nn.Linear, LowRankLinear))), None)
-    done = []
-    for name, module in candidates:
-        if (
-            name == ""
-            or isinstance(module, LowRankLayer)
-            or (isinstance(module, nn.Conv2d) and module.groups != 1)
-            or any(name.startswith(prefix) for prefix in fused)
-            or (keep_first_conv and name == first_conv)
-            or (keep_classifier and name == classifier)
-            or (include_p is not None and not _matches(name, include_p))
-            or _matches(name, exclude_p)
-        ):
-            continue
+    chosen, _kept = selection.select_layers(model, include=include, exclude=exclude,
+                                            keep_stem=keep_first_conv, keep_classifier=keep_classifier)
+    for name in chosen:
+        module = model.get_submodule(name)
         cls = MaestroLinear if isinstance(module, nn.Linear) else MaestroConv2d
         set_submodule(model, name, cls.from_dense(module))
-        done.append(name)
-    return done
+    return chosen
 
 
 class SingleLayerSampler:
@@ -229,7 +213,8 @@ class MaestroMethod(MethodHook):
             "lambda_gl": float(lambda_gl), "threshold": float(threshold), "full_pass": full_pass,
             "progressive": progressive, "recalibrate_bn": recalibrate_bn, "bn_batch_size": bn_batch_size,
             "bn_limit": bn_limit, "keep_first_conv": keep_first_conv, "keep_classifier": keep_classifier,
-            "include": _as_patterns(include, "include"), "exclude": _as_patterns(exclude, "exclude"),
+            "include": selection.as_patterns(include, "include"),
+            "exclude": selection.as_patterns(exclude, "exclude"),
             "sampler": sampler, "seed": seed,
         }
         self.layers: list[tuple[str, MaestroLayer]] = []

@@ -38,7 +38,8 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
-@register_model("lenet5", input_shape=(1, 28, 28), num_classes=10, description="LeNet-5, 28×28, 61.7k params")
+@register_model("lenet5", input_shape=(1, 28, 28), num_classes=10, description="LeNet-5, 28×28, 61.7k params",
+                stem=("conv1",), classifier=("fc3",))
 def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """LeNet-5 for 28×28 single-channel images."""
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):

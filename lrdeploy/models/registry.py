@@ -179,4 +179,17 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise UserError(
             f"model '{spec.name}' has no argument(s) {', '.join(unknown)}", hint=f"it accepts: {accepted}"
         )
-    return spec.builder(**kwargs)
+    model = spec.builder(**kwargs)
+    if isinstance(model, nn.Module):
+        # methods ask it which modules are the stem and classifier (lrdeploy.methods.selection)
+        object.__setattr__(model, _SPEC_ATTR, spec)
+    return model
+
+
+_SPEC_ATTR = "_lrdeploy_spec"
+
+
+def spec_of(model: nn.Module) -> ModelSpec | None:
+    """The spec :func:`create_model` built ``model`` from (None for a module built by hand)."""
+    spec = getattr(model, _SPEC_ATTR, None)
+    return spec if isinstance(spec, ModelSpec) else None

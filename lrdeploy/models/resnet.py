@@ -94,6 +94,7 @@ class ResNet(nn.Module):
 @register_model(
     "resnet18", input_shape=(3, 32, 32), num_classes=10,
     description="ResNet-18, CIFAR form (3×3 stem, no max-pool), 11.2M params at width 64",
+    stem=("conv1",), classifier=("fc",),
 )  # fmt: skip
 def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn.Module:
     """CIFAR ResNet-18; ``width`` scales every stage (64 is the paper's; 8–16 make fast tests)."""

@@ -347,6 +347,7 @@ def _positive(name: str, value: object) -> int:
         InputSpec("src", (32,), "int64", ("src_len",)),
         InputSpec("tgt_in", (32,), "int64", ("tgt_len",)),
     ),
+    classifier=("generator",),  # the output projection; embeddings are not Linear layers, so no stem
 )
 def transformer(
     src_vocab: int = 8000,

@@ -69,6 +69,7 @@ class VGG(nn.Module):
 @register_model(
     "vgg19", input_shape=(3, 32, 32), num_classes=10,
     description="VGG-19 with BatchNorm, CIFAR form (one FC), 20.0M params at width 64",
+    stem=("features.0.conv",), classifier=("fc",),
 )  # fmt: skip
 def vgg19(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn.Module:
     """CIFAR VGG-19-BN; ``width`` scales every conv (64 is the paper's; 8–16 make fast tests)."""
