@@ -349,3 +349,26 @@ def test_selection_asks_the_model_spec_and_falls_back_to_first_conv_and_last_lin
     assert "first conv" in _by_name(report)["conv1"].skipped
     assert cuttlefish_layers(lenet)[0] == ["conv2", "fc1", "fc2"]
     assert decompose(copy.deepcopy(lenet)) == ["conv2", "fc1", "fc2"]
+
+
+def test_a_layer_whose_weight_is_tied_stays_dense():
+    """A Linear sharing its weight with an embedding (tied input/output projections) keeps the tie."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 32)
+            self.mix = nn.Linear(32, 32)
+            self.out = nn.Linear(32, 50, bias=False)
+            self.out.weight = self.embed.weight
+            self.head = nn.Linear(50, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.out(self.mix(self.embed(ids))).mean(1))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    rows = _by_name(compress(model, rank_ratio=0.25))
+    assert rows["out"].skipped == "weight tied to embed: factorising would untie them"
+    assert model.out.weight is model.embed.weight and isinstance(model.mix, LowRankLinear)
+    assert model(torch.randint(0, 50, (2, 5))).shape == (2, 2)

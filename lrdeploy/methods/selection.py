@@ -7,9 +7,9 @@ neither (a user's module) falls back to the first Conv2d and the last Linear. Me
 on top (Cuttlefish keeps residual shortcuts dense) through ``rules``.
 
 Never selected, whatever the patterns say: layers already factorised, the root module (it cannot be replaced
-in place), grouped convs, and the projections of ``nn.MultiheadAttention`` (its forward hands
-``out_proj.weight`` and the fused ``in_proj_weight`` to ``F.multi_head_attention_forward`` directly, so a
-factorised child, which has no ``.weight``, breaks the model).
+in place), grouped convs, layers whose weight is tied to another module's, and the projections of
+``nn.MultiheadAttention`` (its forward hands ``out_proj.weight`` and the fused ``in_proj_weight`` to
+``F.multi_head_attention_forward`` directly, so a factorised child, which has no ``.weight``, breaks it).
 """
 
 from __future__ import annotations
@@ -86,6 +86,21 @@ def model_spec(model: nn.Module) -> Any:
     return spec_of(model)
 
 
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """{layer: another owner of its weight Parameter} for weights shared between modules (tied embeddings
+    and output projections): replacing the layer would silently untie them."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rsplit(".", 1)[0] if "." in name else "")
+    tied: dict[str, str] = {}
+    for name, module in layer_modules(model):
+        weight = getattr(module, "weight", None)
+        others = [o for o in owners.get(id(weight), []) if o != name] if weight is not None else []
+        if others:
+            tied[name] = others[0] or "the root module"
+    return tied
+
+
 def _declared(layers: Sequence[tuple[str, nn.Module]], patterns: Sequence[str]) -> set[str]:
     return {name for name, _ in layers if matches(name, patterns)}
 
@@ -114,6 +129,7 @@ def select_layers(
     spec = model_spec(model) if spec is None else spec
     declared = tuple(getattr(spec, "stem", ()) or ()), tuple(getattr(spec, "classifier", ()) or ())
     attention = [name + "." for name, _ in attention_modules(model)]
+    tied = tied_weights(model)
     # the stem/classifier fallback looks past attention projections: they are never the model's classifier
     plain = [(n, m) for n, m in layers if not any(n.startswith(p) for p in attention)]
     if any(declared):
@@ -135,6 +151,8 @@ def select_layers(
             why = "the root module cannot be replaced in place"
         elif any(name.startswith(prefix) for prefix in attention):
             why = MHA_CHILD
+        elif name in tied:
+            why = f"weight tied to {tied[name]}: factorising would untie them"
         elif isinstance(module, nn.Conv2d) and module.groups != 1:
             why = f"grouped conv (groups={module.groups}) is not eligible"
         elif keep_stem and name in stems:
