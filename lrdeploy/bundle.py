@@ -237,6 +237,13 @@ def _build_model(spec: dict[str, Any], structure: dict[str, Any], state: Mapping
     """
     from lrdeploy.layers.structure import apply
     from lrdeploy.models import create_model
+    from lrdeploy.models.registry import model_source
+
+    source = model_source(spec["name"])
+    if source is not None and source.kind == "import":  # rebuilding it runs the user's module: say so first
+        from lrdeploy.models.user_module import announce_bundle_import
+
+        announce_bundle_import(spec["name"], path)
 
     def build() -> nn.Module:
         return apply(create_model(spec["name"], **spec.get("args", {})), structure)

@@ -152,12 +152,47 @@ def parse_settings(items: list[str] | None, flag: str) -> dict[str, Any]:
     return settings
 
 
+ModelHelp = ("Registry model name (see `lrdeploy models`), or your own model as pkg.module:factory (imported "
+             "from the current directory or PYTHONPATH).")
+InputShape = typer.Option(
+    None, "--input-shape", help="One sample's shape without the batch, e.g. 1,28,28: for a model (your own "
+    "pkg.module:factory) that does not declare it.",
+)
+TaskOption = typer.Option(
+    None, "--task", help="The model's task (classification, translation …): for your own model when its "
+    "factory does not declare it.",
+)
+
+
+def parse_shape(text: str | None, flag: str = "--input-shape") -> tuple[int, ...] | None:
+    """``C,H,W`` as positive integers (None passes)."""
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise UserError(f"{flag} {text!r} is not a list of positive integers", f"e.g. {flag} 1,28,28")
+    return dims
+
+
+def _out_name(*parts: str) -> str:
+    """A default output folder name from a model and data name (``my_models:build``, ``./data/x.npz``)."""
+    import re
+
+    clean = [re.sub(r"[^A-Za-z0-9._-]+", "_", Path(p).stem if "/" in p or os.sep in p else p) for p in parts]
+    return "-".join(clean)
+
+
 @app.command()
 @user_errors
 def train(
-    model: str = typer.Option("lenet5", "--model", help="Registry model name (see `lrdeploy models`)."),
+    model: str = typer.Option("lenet5", "--model", help=ModelHelp),
     data: str = typer.Option(
-        "mnist", "--data", help="Dataset: mnist, fashion-mnist, cifar10; multi30k (with --model transformer)."
+        "mnist", "--data", help="Dataset: mnist, fashion-mnist, cifar10; multi30k (with --model "
+        "transformer); or your own classification data: an .npz file or an image folder (README, "
+        "'Your own model')."
     ),
     data_dir: Path | None = DataDir,
     download: bool = Download,
@@ -168,6 +203,8 @@ def train(
     model_arg: list[str] | None = typer.Option(
         None, "--model-arg", help="A model constructor argument as key=value (repeatable), e.g. width=16."
     ),
+    input_shape: str | None = InputShape,
+    task: str | None = TaskOption,
     epochs: int = typer.Option(2, "--epochs", min=1),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     lr: float | None = typer.Option(
@@ -196,7 +233,7 @@ def train(
     from lrdeploy.cli_checks import check_finite, check_model_fits
     from lrdeploy.outputs import check_bundle_destination
 
-    out = out or Path("runs") / f"{model}-{data}-{method}"
+    out = out or Path("runs") / _out_name(model, data, method)
     check_bundle_destination(out, force=force)  # at once, before torch is imported or data loaded
     from lrdeploy.workflows import TrainRequest, train_bundle
 
@@ -222,6 +259,8 @@ def train(
             seed=seed,
             out=out,
             force=force,
+            task=task,
+            input_shape=parse_shape(input_shape),
         )
     )
     if "test_perplexity" in metrics:  # translation
@@ -239,24 +278,33 @@ def train(
 @app.command()
 @user_errors
 def init(
-    model: str = typer.Option(..., "--model", help="Registry model name (see `lrdeploy models`)."),
+    model: str = typer.Option(..., "--model", help=ModelHelp),
     num_classes: int | None = typer.Option(None, "--num-classes", min=1),
+    model_arg: list[str] | None = typer.Option(
+        None, "--model-arg", help="A model constructor argument as key=value (repeatable), e.g. width=16."
+    ),
+    input_shape: str | None = InputShape,
+    task: str | None = TaskOption,
     from_checkpoint: Path | None = typer.Option(
         None, "--from-checkpoint", help="A plain PyTorch state dict (.pt), loaded with weights_only=True."
     ),
     out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
     force: bool = Force,
 ) -> None:
-    """Make a bundle from a registry model at its initial weights or from a dense checkpoint ("load" path)."""
+    """Make a bundle from a model (registry or pkg.module:factory) at its initial weights or from a dense
+    checkpoint ("load" path)."""
     from lrdeploy.outputs import check_bundle_destination
 
     check_bundle_destination(out, force=force, inputs=[from_checkpoint])  # at once, before torch loads
     from lrdeploy import workflows
     from lrdeploy.cli_checks import check_model_fits
 
+    model_args = parse_settings(model_arg, "--model-arg")
+    shape = parse_shape(input_shape)
     check_model_fits(model, {"num_classes": num_classes} if num_classes else {}, "--num-classes")
+    check_model_fits(model, model_args, "--model-arg")
     workflows.init_bundle(model_name=model, num_classes=num_classes, checkpoint=from_checkpoint, out=out,
-                          force=force)
+                          force=force, model_args=model_args, input_shape=shape, task=task)
     console.print(f"bundle written to [bold]{out}[/]")
 
 
@@ -370,6 +418,23 @@ def export(
     The whole family (model, optimised copy, fold report, precision variant, engine) is written to a staging
     directory and appears at once; an existing family is replaced only with --force.
     """
+    failed = export_artifacts(bundle, out, opset=opset, optimize=optimize, fold=fold, fold_batch=fold_batch,
+                              threads=threads, rank_budget=rank_budget, data_dir=data_dir, trt=trt,
+                              precision=precision, min_batch=min_batch, opt_batch=opt_batch,
+                              max_batch=max_batch, sparse_weights=sparse_weights, timing_cache=timing_cache,
+                              calib_data=calib_data, force=force)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def export_artifacts(bundle: Path, out: Path, *, opset: int = 20, optimize: str = "all", fold: str = "auto",
+                     fold_batch: int = 1, threads: int | None = None, rank_budget: float | None = None,
+                     data_dir: Path | None = None, trt: bool = False, precision: str = "fp32",
+                     min_batch: int = 1, opt_batch: int | None = None, max_batch: int | None = None,
+                     sparse_weights: bool = False, timing_cache: Path | None = None,
+                     calib_data: str | None = None, force: bool = False) -> bool:
+    """`lrdeploy export` after its flags are parsed (also ``lrdeploy.export``): checks first, then the whole
+    family staged and installed at once. Returns True when a precision variant missed its preset."""
     from lrdeploy import atomic
     from lrdeploy.outputs import Outputs, export_family
 
@@ -403,8 +468,7 @@ def export(
         atomic.rewrite_paths(stage)
     console.print(f"wrote {', '.join(n for n in family if (Path(out).parent / n).exists())} "
                   f"in {Path(out).parent}")
-    if failed:
-        raise typer.Exit(code=1)
+    return failed
 
 
 def _export_family(bundle: Path, out: Path, shown: Any, *, opset: int, optimize: str, fold: str,

@@ -35,17 +35,50 @@ class TrainRequest:
     progress: bool = True
     force: bool = False  # replace an existing bundle at ``out``
     task: str | None = None  # None: the task the model declares
+    input_shape: tuple[int, ...] | None = None  # one sample; must match the data's where the data has one
+
+
+def model_task(spec: Any, task: str | None = None) -> Any:
+    """The task of a model: the one it declares, or ``task`` (``--task``) for a model that declares none
+    (a user's module) or to override a user's module's own; a registry model's task cannot be changed."""
+    from lrdeploy.tasks import get_task, list_tasks
+
+    if not (task or spec.task):
+        raise UserError(f"model {spec.name} declares no task, so --task is needed",
+                        f"pass --task {' or '.join(list_tasks())} (or set lrdeploy_task on the factory)")
+    chosen = get_task(task or spec.task)
+    if task is not None and spec.task and spec.task != chosen.name and spec.source == "registry":
+        raise UserError(f"model {spec.name} is a {spec.task} model, not {chosen.name}",
+                        f"drop --task or use --task {spec.task}")
+    return chosen
+
+
+def model_input_shape(spec: Any, given: tuple[int, ...] | None, model: torch.nn.Module | None = None,
+                      data_shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """One sample's shape: the data's (``given`` must agree), else ``given`` (``--input-shape``), else what
+    the model declares (its spec, or its own ``example_inputs``); none of them is a one-line error."""
+    if data_shape and given and tuple(given) != tuple(data_shape):
+        raise UserError(f"--input-shape {','.join(map(str, given))} does not match the data's samples "
+                        f"({','.join(map(str, data_shape))})", "drop --input-shape: the data decides it")
+    shape = tuple(data_shape or given or spec.input_shape or ())
+    if not shape and model is not None:
+        from lrdeploy.models.inputs import declares_inputs, example_inputs
+
+        if declares_inputs(model):
+            shape = tuple(example_inputs(model, 1)[0].shape[1:])
+    if not shape:
+        raise UserError(f"model {spec.name} declares no input shape, so --input-shape is needed",
+                        "pass one sample's shape without the batch, e.g. --input-shape 1,28,28 (or set "
+                        "lrdeploy_input_shape on the factory)")
+    return tuple(int(d) for d in shape)
 
 
 def resolve_task(spec: Any, dataset: str | None, task: str | None = None) -> tuple[Any, str]:
     """(task, dataset name) for a model: the task the model declares (or ``task`` when given for a model
     that declares none), checked against the dataset. Never inferred from the number of inputs."""
-    from lrdeploy.tasks import get_task, task_for_dataset
+    from lrdeploy.tasks import task_for_dataset
 
-    chosen = get_task(task or spec.task)
-    if task is not None and spec.task and spec.task != chosen.name and spec.source == "registry":
-        raise UserError(f"model {spec.name} is a {spec.task} model, not {chosen.name}",
-                        f"drop --task or use --task {spec.task}")
+    chosen = model_task(spec, task)
     name = dataset or chosen.default_dataset
     if name is None:
         raise UserError(f"task {chosen.name} has no built-in dataset", "name one with --data")
@@ -90,6 +123,8 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     torch.manual_seed(req.seed)  # the initial weights are part of the run: seed them too
     model = create_model(req.model_name, **model_args)
     task.check_model(model, train_set, req.model_name, ds_name)
+    # one sample: the data's for image inputs (--input-shape must agree), else the model's (a source length)
+    input_shape = model_input_shape(spec, req.input_shape, model, getattr(train_set, "input_shape", None))
     if hook is not None and hasattr(hook, "prepare"):
         model = hook.prepare(model)
     result = train(model, train_set, test_set, config, hooks=[hook] if hook is not None else [], task=task)
@@ -111,7 +146,7 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
         force=req.force,
         model_name=req.model_name,
         model_args=model_args,
-        input_shape=_sample_shape(spec, train_set),
+        input_shape=input_shape,
         task=task.name,
         method=method,
         dataset=task.dataset_record(train_set, len(train_set)),
@@ -121,15 +156,15 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     return metrics
 
 
-def _sample_shape(spec: Any, data: Any) -> tuple[int, ...]:
-    """One sample's nominal shape: the data's for image inputs, else the spec's (e.g. a source length)."""
-    shape = getattr(data, "input_shape", None)
-    return tuple(int(d) for d in shape) if shape else tuple(spec.input_shape)
-
-
 def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | None, out: Path,
-                force: bool = False) -> None:
-    """Write a bundle from a registry model at its initial weights or from a user's dense state dict."""
+                force: bool = False, model_args: dict[str, Any] | None = None,
+                input_shape: tuple[int, ...] | None = None, task: str | None = None) -> None:
+    """Write a bundle from a model at its initial weights or from a user's dense state dict.
+
+    The model is a registry name or a user's ``pkg.module:factory``, called with ``model_args``; the bundle
+    records the name and the arguments, the task (``task`` where the model declares none) and one sample's
+    shape (``input_shape`` where the model declares none).
+    """
     import inspect
 
     from lrdeploy.bundle import check_output_dir, load_state_dict_checkpoint, save_bundle
@@ -137,14 +172,20 @@ def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | 
 
     check_output_dir(out, force=force, inputs=(checkpoint,))
     spec = get_spec(model_name)
+    chosen = model_task(spec, task)
     classifier = "num_classes" in inspect.signature(spec.builder).parameters
     if num_classes is not None and not classifier:  # e.g. the translation Transformer: vocabularies instead
-        task = ("a translation model (source and target vocabularies, no classes)" if spec.multi_input
+        kind = ("a translation model (source and target vocabularies, no classes)" if spec.multi_input
                 else "not a classifier")
-        raise UserError(f"--num-classes does not apply: model '{spec.name}' is {task}",
+        raise UserError(f"--num-classes does not apply: model '{spec.name}' is {kind}",
                         f"drop --num-classes; `lrdeploy init --model {spec.name}` builds it at its defaults")
-    args = {"num_classes": num_classes or spec.num_classes} if classifier else {}
+    args: dict[str, Any] = {}
+    if classifier and (num_classes or spec.num_classes):
+        args["num_classes"] = num_classes or spec.num_classes
+    args.update(model_args or {})
     model = create_model(model_name, **args)
+    shape = model_input_shape(spec, input_shape, model)
+    _check_forward(model, spec.name, shape)
     source = "init"
     if checkpoint is not None:
         load_state_dict_checkpoint(checkpoint, model)
@@ -155,10 +196,32 @@ def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | 
         force=force,
         model_name=model_name,
         model_args=args,
+        input_shape=shape,
+        task=chosen.name,
         method={"name": "dense", "source": source},
         dataset={},
         metrics={},
     )
+
+
+def _check_forward(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> None:
+    """One forward of a zero sample, so a wrong --input-shape is one line now, not a failed export later
+    (models with their own ``example_inputs`` are checked by export)."""
+    from lrdeploy.models.inputs import declares_inputs
+
+    if declares_inputs(model):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *shape)))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"model {name} cannot take one input of shape {','.join(map(str, shape))}: {first}",
+                        "give the shape the model takes with --input-shape C,H,W") from None
+    finally:
+        model.train(was_training)
 
 
 DEFAULT_CALIB_SAMPLES = 256  # activation-aware SVD: a few hundred examples settle XᵀX
@@ -402,9 +465,10 @@ def export_bundle(
         has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
         ds_name = (manifest.get("dataset") or {}).get("name")
         if has_bn and ds_name:
-            from lrdeploy.data import load_dataset
+            from lrdeploy.tasks import manifest_task
 
-            calibration = load_dataset(ds_name, "train", data_dir=data_dir, limit=calibration_examples).x
+            calibration = manifest_task(manifest).load(ds_name, "train", data_dir=data_dir,
+                                                       limit=calibration_examples, manifest=manifest).x
         model = truncate_to_budget(model, rank_budget, calibration_x=calibration).eval()
         manifest["structure"] = describe(model)
         manifest["params"] = count_params(model)

@@ -6,6 +6,7 @@ from lrdeploy.models.lenet import LeNet5  # importing the family module register
 from lrdeploy.models.registry import InputSpec, ModelSpec, create_model, get_spec, list_models, register_model
 from lrdeploy.models.resnet import ResNet
 from lrdeploy.models.transformer import Seq2SeqTransformer
+from lrdeploy.models.user_module import SOURCE as _USER_MODULE_SOURCE  # noqa: F401  (pkg.mod:factory)
 from lrdeploy.models.vgg import VGG
 
 __all__ = [

@@ -28,12 +28,28 @@ class ClassificationTask(Task):
     finetune_defaults = {"lr": 0.01}
     rate_unit = "img"
 
+    def accepts_dataset(self, name: str) -> bool:
+        """The built-in datasets, and the user's own (an .npz file or image folder named by its path)."""
+        from lrdeploy.data.user_data import is_user_data
+
+        return super().accepts_dataset(name) or is_user_data(name)
+
     def load(self, dataset: str, split: str, *, data_dir: Path | None = None, limit: int | None = None,
              manifest: Mapping[str, Any] | None = None,
              model_args: Mapping[str, Any] | None = None) -> Any:
         from lrdeploy.data import load_dataset
+        from lrdeploy.data.user_data import is_user_data, load_user_data
 
+        if not super().accepts_dataset(dataset) and is_user_data(dataset):
+            return load_user_data(dataset, split, limit, recorded=(manifest or {}).get("dataset"))
         return load_dataset(dataset, split, data_dir=data_dir, limit=limit)
+
+    def dataset_record(self, data: Any, examples: int | None = None) -> dict[str, Any]:
+        """The base record, plus the checksum and format of a user's own data (see data/user_data.py)."""
+        record = super().dataset_record(data, examples)
+        info = getattr(data, "info", None) or {}
+        record.update({k: info[k] for k in ("sha256", "format") if k in info})
+        return record
 
     def model_args(self, spec: Any, train_data: Any, user_args: Mapping[str, Any]) -> dict[str, Any]:
         args: dict[str, Any] = {}
