@@ -17,26 +17,33 @@ training code. Heavy imports (onnx, onnxruntime, torch) happen inside the comman
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from lrdeploy.cli_checks import DAY_S, check_batch_fits, check_finite
+from lrdeploy.cli_checks import DAY_S, check_finite, check_fits, check_int64
 from lrdeploy.errors import UserError
 
 SCHEMA = "lrdeploy.bench/1"
-_ONNX_KINDS = ("ort-cpu", "ort-cuda")  # runtime kinds that take an .onnx file
+
+
+def _registered_onnx_runtimes() -> str:
+    from lrdeploy.serving.runtimes import describe_kinds
+
+    return describe_kinds("onnx")
+
+
+_ONNX_RUNTIMES = _registered_onnx_runtimes()  # --runtime help: the registered kinds that run .onnx files
 
 console = Console()
 err_console = Console(stderr=True)
@@ -81,90 +88,93 @@ def _labels(models: Sequence[Path], names: str | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- artefacts
-@dataclass
-class BenchModel:
-    """One model of the run, resolved to an ONNX file."""
-
-    label: str
-    source: Path
-    kind: str  # "onnx" or "bundle"
-    onnx_path: Path
-    input_shape: list[int | str | None]  # per sample, as the graph declares it
-
-    def summary(self) -> dict[str, Any]:
-        return {"source": str(self.source), "kind": self.kind,
-                "onnx": str(self.onnx_path) if self.kind == "onnx" else "(exported to a temporary file)",
-                "onnx_bytes": self.onnx_path.stat().st_size, "declared_input_shape": self.input_shape}
+def summary(art: Any, runtime: Any) -> dict[str, Any]:
+    """What the report says about one model: where it came from and the inputs its graph declares."""
+    inputs = [i.describe() for i in runtime.inputs()]
+    out = {"source": str(art.source), "kind": art.kind,
+           "onnx": str(art.onnx_path) if art.kind == "onnx" else "(exported to a temporary file)",
+           "onnx_bytes": art.onnx_bytes, "inputs": inputs}
+    if len(inputs) == 1 and inputs[0]["shape"] is not None:
+        out["declared_input_shape"] = inputs[0]["shape"][1:]  # one sample, as the graph declares it
+    return out
 
 
-def _graph_input_shape(path: Path) -> list[int | str | None]:
-    """Per-sample input shape declared by the graph (first real input, batch dimension dropped)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError and friends: a truncated or foreign file
-        raise UserError(f"{path} is not a readable ONNX model ({type(exc).__name__})",
-                        "re-export it") from None
-    initialisers = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initialisers]
-    if not inputs:
-        raise UserError(f"{path} has no graph input", "re-export it")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape: list[int | str | None] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                     for d in dims]
-    return shape[1:]
+def parse_dims(items: Sequence[str]) -> dict[str, int]:
+    """``--dim NAME=SIZE`` (repeatable): sizes of named dynamic dimensions, e.g. ``src_len=16``."""
+    sizes: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if not sep or not name.strip() or size < 1:
+            raise UserError(f"--dim {item!r} is not NAME=SIZE with a positive size", "e.g. --dim src_len=16")
+        sizes[name.strip()] = size
+    return sizes
 
 
-def resolve_model(label: str, path: Path, workdir: Path) -> BenchModel:
-    """An .onnx file as it is, or a bundle directory exported (folded) to ``workdir``."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"model {path} does not exist", "pass an .onnx file or a bundle directory")
-    if path.is_dir():
-        from lrdeploy.bundle import load_bundle
-        from lrdeploy.exporters.onnx import export_onnx
+def bench_inputs(labels: Sequence[str], runtimes: Mapping[str, Any], input_shape: str | None,
+                 sizes: Mapping[str, int]) -> list[tuple[Any, tuple[int, ...]]]:
+    """(input, one sample's shape) of the reference's inputs, which every model must take alike.
 
-        onnx_path = workdir / (re.sub(r"[^\w.-]", "_", label) + ".onnx")  # labels are unique
-        export_onnx(load_bundle(path), onnx_path, optimize=False)
-        kind = "bundle"
-    elif path.suffix.lower() == ".onnx":
-        onnx_path, kind = path, "onnx"
-    else:
-        raise UserError(f"model {path} is neither an .onnx file nor a bundle directory",
-                        "pass a file from lrdeploy export or a bundle from lrdeploy train/compress")
-    return BenchModel(label, path, kind, onnx_path, _graph_input_shape(onnx_path))
+    A dynamic non-batch dimension needs a size: ``--dim NAME=SIZE`` for a named one, or ``--input-shape``
+    for a one-input graph; nothing is guessed.
+    """
+    override = parse_int_list(input_shape, "--input-shape", "1,28,28") if input_shape is not None else None
+    per_model = {}
+    for label in labels:
+        inputs = runtimes[label].inputs()
+        if override is not None and len(inputs) != 1:
+            names = ", ".join(i.name for i in inputs)
+            raise UserError(f"--input-shape gives one sample shape, but {label} takes {len(inputs)} inputs "
+                            f"({names})", "size its dynamic dimensions with --dim NAME=SIZE")
+        per_model[label] = [(i, tuple(override) if override is not None else _sample(label, i, sizes, inputs))
+                            for i in inputs]
 
+    def key(ins: list[tuple[Any, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
+        return [(np.dtype(i.dtype).name, dims) for i, dims in ins]
 
-def sample_shape(models: Sequence[BenchModel], override: str | None) -> list[int]:
-    """The per-sample input shape every model accepts: ``--input-shape`` or the graphs' (which must agree)."""
-    if override is not None:
-        return parse_int_list(override, "--input-shape", "1,28,28")
-    shapes = {m.label: m.input_shape for m in models}
-    for label, shape in shapes.items():
-        if not all(isinstance(d, int) and d > 0 for d in shape):
-            raise UserError(f"{label} declares a dynamic per-sample input shape {shape}",
-                            "pass the shape of one sample, e.g. --input-shape 3,32,32")
-    distinct = {tuple(s) for s in shapes.values()}
-    if len(distinct) > 1:
-        listed = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+    if any(key(ins) != key(per_model[labels[0]]) for ins in per_model.values()):
+        listed = ", ".join(f"{k} {[list(d) for _, d in v] if len(v) > 1 else list(v[0][1])}"
+                           for k, v in per_model.items())
         raise UserError(f"the models take different inputs ({listed})",
-                        "benchmark models of the same task, or pass --input-shape")
-    return list(distinct.pop())
+                        "benchmark models of the same task, or pass --input-shape / --dim")
+    return per_model[labels[0]]
+
+
+def _sample(label: str, info: Any, sizes: Mapping[str, int], inputs: Sequence[Any]) -> tuple[int, ...]:
+    """One sample's shape of ``info``: its fixed dimensions, named dynamic ones from ``--dim``."""
+    if info.shape is None:
+        raise UserError(f"{label} does not declare the shape of input {info.name!r}",
+                        "pass the shape of one sample, e.g. --input-shape 3,32,32")
+    dims = []
+    for axis, d in enumerate(info.shape[1:], start=1):
+        if isinstance(d, int) and d > 0:
+            dims.append(d)
+        elif isinstance(d, str) and d in sizes:
+            dims.append(int(sizes[d]))
+        else:
+            fixes = ([f"--dim {d}=N"] if isinstance(d, str) and d else []) + (
+                ["--input-shape (one sample)"] if len(inputs) == 1 else []) or [
+                "re-export the graph with named dynamic axes, then --dim NAME=N"]
+            raise UserError(f"{label} declares a dynamic dimension {d!r} (axis {axis} of input "
+                            f"{info.name!r}) with no size", f"pass its size: {' or '.join(fixes)}")
+    return tuple(dims)
 
 
 def onnx_runtime_kind(kind: str) -> str:
     """The canonical runtime kind, if it runs .onnx files (checked before any bundle is exported)."""
-    from lrdeploy.serving.runtimes import canonical_kind
+    from lrdeploy.serving.runtimes import canonical_kind, get_runtime_kind, runtime_kinds
 
     canonical, _ = canonical_kind(kind)
-    if canonical not in _ONNX_KINDS:
+    if get_runtime_kind(canonical).takes != "onnx":
         raise UserError(f"--runtime {kind} does not run .onnx files, and lrdeploy bench times ONNX artefacts",
-                        f"use --runtime {' or '.join(_ONNX_KINDS)}")
+                        f"use --runtime {' or '.join(runtime_kinds('onnx'))}")
     return canonical
 
 
-def load_runtimes(models: Sequence[BenchModel], kind: str, threads: int | None,
+def load_runtimes(models: Sequence[Any], kind: str, threads: int | None,
                   include_transfer: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """One runtime per model, all of ``kind``; also what ``--include-transfer`` meant for each."""
     from lrdeploy.serving.runtimes import load_runtime
@@ -180,9 +190,10 @@ def load_runtimes(models: Sequence[BenchModel], kind: str, threads: int | None,
 
 
 # ----------------------------------------------------------------------------------------------- profile
-def profile_models(models: Sequence[BenchModel], runtimes: Mapping[str, Any], shape: Sequence[int],
+def profile_models(models: Sequence[Any], runtimes: Mapping[str, Any], feeds_for: Any,
                    batch_sizes: Sequence[int], threads: int | None, runs: int) -> dict[str, Any]:
-    """ORT per-node/per-op breakdown for each model and batch size; other backends say they have none."""
+    """ORT per-node/per-op breakdown for each model and batch size, on the timed inputs; other backends say
+    they have none."""
     from lrdeploy.serving.profile import profile_onnx
 
     out: dict[str, Any] = {}
@@ -195,8 +206,9 @@ def profile_models(models: Sequence[BenchModel], runtimes: Mapping[str, Any], sh
         providers: list[Any] = list(info.get("providers") or ["CPUExecutionProvider"])
         if info.get("provider_options"):  # e.g. the CUDA device id: profile on the device that was timed
             providers[0] = (providers[0], dict(info["provider_options"]))
-        out[m.label] = {str(b): profile_onnx(m.onnx_path, shape, b, threads=info.get("threads", threads),
-                                             runs=runs, providers=providers) for b in batch_sizes}
+        out[m.label] = {str(b): profile_onnx(m.onnx_path, (), b, threads=info.get("threads", threads),
+                                             runs=runs, providers=providers, feeds=feeds_for(b))
+                        for b in batch_sizes}
     return out
 
 
@@ -219,6 +231,7 @@ def run_bench(
     gates: Sequence[str] = (),
     names: str | None = None,
     input_shape: str | None = None,
+    dims: Sequence[str] = (),
     include_transfer: bool = False,
     profile: bool = False,
     profile_runs: int = 10,
@@ -230,7 +243,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """Everything `lrdeploy bench` does except printing: returns the report dict (and writes it if asked)."""
     from lrdeploy import __version__
+    from lrdeploy.artifacts import resolve_artifact
     from lrdeploy.serving.bench import benchmark
+    from lrdeploy.serving.feeds import synthetic_feeds
     from lrdeploy.serving.gates import evaluate_gates, parse_gates, validate_gates
     from lrdeploy.serving.report import write_json
 
@@ -247,29 +262,36 @@ def run_bench(
     parsed = parse_gates(gates)  # malformed gates fail here, before anything is loaded or timed
     validate_gates(parsed, labels, batch_sizes)
     onnx_runtime_kind(runtime)
+    sizes = parse_dims(dims)
+    for b in batch_sizes:
+        check_int64(b, "--batch")
     from lrdeploy.outputs import Outputs
 
     Outputs(force=force, inputs=models).file(json_path, "--json")
 
     with tempfile.TemporaryDirectory(prefix="lrdeploy-bench-") as tmp:
-        resolved = [resolve_model(label, Path(p), Path(tmp)) for label, p in zip(labels, models, strict=True)]
-        shape = sample_shape(resolved, input_shape)
-        check_batch_fits(shape, batch_sizes, "--batch")  # before the input batch is allocated
+        resolved = [resolve_artifact(label, Path(p), Path(tmp), figures=False)
+                    for label, p in zip(labels, models, strict=True)]
         runtimes, transfer = load_runtimes(resolved, runtime, threads, include_transfer)
+        inputs = bench_inputs(labels, runtimes, input_shape, sizes)
+        _check_feeds_fit(inputs, batch_sizes)  # before the largest batch is allocated
+        feeds_for = synthetic_feeds([i for i, _ in inputs], seed=seed,
+                                    sizes={**sizes, **_shape_sizes(inputs)})
         result = benchmark(
-            runtimes, shape, batch_sizes, warmup_s=warmup, min_runs=min_runs, min_seconds=seconds,
+            runtimes, feeds_for, batch_sizes, warmup_s=warmup, min_runs=min_runs, min_seconds=seconds,
             max_seconds=max(max_seconds if max_seconds is not None else 10.0, seconds), rounds=rounds,
             seed=seed, progress=progress, stability_tol=tolerance, stability_windows=windows,
             time_limit_s=time_limit, max_rounds=max_rounds,
         )
-        profiles = (profile_models(resolved, runtimes, shape, batch_sizes, threads, profile_runs)
+        profiles = (profile_models(resolved, runtimes, feeds_for, batch_sizes, threads, profile_runs)
                     if profile else None)
-        summaries = {m.label: m.summary() for m in resolved}
+        summaries = {m.label: summary(m, runtimes[m.label]) for m in resolved}
 
     gate_results = evaluate_gates(parsed, result)
     data = result.to_dict(samples=samples)
     data["settings"].update({"runtime": runtime, "threads_requested": threads,
-                             "include_transfer": transfer})
+                             "include_transfer": transfer, "dims": sizes,
+                             "feeds": "synthetic, from the graphs' input metadata (serving.feeds)"})
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -285,6 +307,28 @@ def run_bench(
     if json_path is not None:
         write_json(json_path, report)
     return report
+
+
+def _shape_sizes(inputs: Sequence[tuple[Any, tuple[int, ...]]]) -> dict[str, int]:
+    """The sizes the resolved sample shapes give each named dynamic dimension (so --input-shape and --dim
+    feed the synthetic inputs the same way)."""
+    out: dict[str, int] = {}
+    for info, dims in inputs:
+        for d, size in zip((info.shape or ())[1:], dims, strict=False):
+            if isinstance(d, str):
+                out.setdefault(d, size)
+    return out
+
+
+def _check_feeds_fit(inputs: Sequence[tuple[Any, tuple[int, ...]]], batch_sizes: Sequence[int]) -> None:
+    """The largest batch of every input together must fit in available memory (cli_checks.check_fits)."""
+    import math
+
+    per_sample = sum(np.dtype(i.dtype).itemsize * math.prod(dims) for i, dims in inputs)
+    batch = max(batch_sizes)
+    shapes = ", ".join(f"{i.name} {'×'.join(map(str, dims)) or 'scalar'}" for i, dims in inputs)
+    check_fits(batch * per_sample, "--batch", f"an input batch of {batch} samples of {shapes}",
+               "use a smaller --batch")
 
 
 # ------------------------------------------------------------------------------------------------ render
@@ -378,7 +422,7 @@ def bench(
         show_default=False,
     ),
     batch: str = typer.Option("1,32", "--batch", help="Batch sizes to sweep, comma-separated."),
-    runtime: str = typer.Option("ort-cpu", "--runtime", help="Runtime for every model (ort-cpu, ...)."),
+    runtime: str = typer.Option("ort-cpu", "--runtime", help=f"Runtime for every model: {_ONNX_RUNTIMES}."),
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="Intra-op threads, pinned and recorded (default: the usable CPUs)."
     ),
@@ -401,7 +445,10 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="Write the full report as JSON here."),
     names: str | None = typer.Option(None, "--names", help="Model names, comma-separated (default: stems)."),
     input_shape: str | None = typer.Option(
-        None, "--input-shape", help="One sample's shape, e.g. 1,28,28 (for graphs with dynamic dims)."
+        None, "--input-shape", help="One sample's shape, e.g. 1,28,28 (one-input graphs with dynamic dims)."
+    ),
+    dim: list[str] | None = typer.Option(
+        None, "--dim", help="Size of a named dynamic dimension, repeatable: e.g. --dim src_len=16."
     ),
     include_transfer: bool = typer.Option(
         False, "--include-transfer", help="Time host-device copies too, on runtimes that have them."
@@ -417,7 +464,7 @@ def bench(
         models, batch_sizes=parse_batches(batch), runtime=runtime, threads=threads, seconds=seconds,
         min_runs=min_runs, max_seconds=max_seconds, warmup=warmup, rounds=rounds, tolerance=tolerance,
         windows=windows, time_limit=time_limit, max_rounds=max_rounds, gates=gate or [], names=names,
-        input_shape=input_shape, include_transfer=include_transfer, profile=profile,
+        input_shape=input_shape, dims=dim or [], include_transfer=include_transfer, profile=profile,
         profile_runs=profile_runs, samples=samples, seed=seed, json_path=json_path,
         progress=err_console.is_terminal, force=force,
     )

@@ -611,20 +611,21 @@ def compare(
     seconds: float = typer.Option(
         1.0, "--seconds", min=0.05, max=DAY_S, help="Minimum timed seconds per block."
     ),
-    max_accuracy_drop: float = typer.Option(
-        1.0, "--max-accuracy-drop", min=0.0, max=100.0,
-        help="Budget, in accuracy points (BLEU points for translation)."
+    max_accuracy_drop: float | None = typer.Option(
+        None, "--max-accuracy-drop", min=0.0, max=100.0,
+        help="Budget: drop of the task's headline metric, in points (accuracy; BLEU for translation); "
+        "default: the task's, 1."
     ),
     min_agreement: float | None = typer.Option(
         None, "--min-agreement", min=0.0, max=1.0, help="Budget: top-1 agreement in [0, 1]."
     ),
     max_bleu_drop: float | None = typer.Option(
         None, "--max-bleu-drop", min=0.0, max=100.0,
-        help="Translation budget, in BLEU points (default: --max-accuracy-drop, 1)."
+        help="Budget where the headline metric is BLEU (translation), in points: --max-accuracy-drop by name."
     ),
-    max_perplexity_increase: float = typer.Option(
-        0.10, "--max-perplexity-increase", min=0.0,
-        help="Translation budget: relative perplexity rise (0.1 = 10%)."
+    max_perplexity_increase: float | None = typer.Option(
+        None, "--max-perplexity-increase", min=0.0,
+        help="Budget for tasks that measure perplexity: relative rise (0.1 = 10%, the default)."
     ),
     precision: str | None = Precision,
     json_path: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
@@ -728,27 +729,12 @@ def check(
     force: bool = Force,
 ) -> None:
     """Check an artefact against golden outputs (for CI): per-statistic verdict; exit 1 on a miss."""
-    import tempfile
-
-    from lrdeploy.comparison import resolve_artifact
+    from lrdeploy.comparison import check_against_golden
     from lrdeploy.outputs import Outputs
-    from lrdeploy.serving.golden import check_golden, load_golden
     from lrdeploy.serving.report import render_check_table, write_json
-    from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
-    from lrdeploy.translation_compare import is_translation_manifest
 
     Outputs(force=force, inputs=[candidate, golden]).file(json_path, "--json")
-    gold = load_golden(golden)
-    with tempfile.TemporaryDirectory(prefix="lrdeploy-check-") as tmp:
-        art = resolve_artifact("candidate", candidate, Path(tmp))
-        if is_translation_manifest(art.manifest):
-            raise UserError(
-                "golden checks of translation models are not supported yet",
-                "golden sets hold one input tensor; translation models take two",
-            )
-        result = check_golden(
-            gold, OrtCpuRuntime(art.onnx_path, threads=threads), precision=precision, candidate=art.summary()
-        )
+    result = check_against_golden(candidate, golden, precision=precision, threads=threads)
     console.print(render_check_table(result))
     if json_path is not None:
         write_json(json_path, result)

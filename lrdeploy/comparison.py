@@ -1,172 +1,52 @@
-"""`lrdeploy compare`: the dense original against a candidate, both run as deployed (ONNX Runtime, CPU).
+"""`lrdeploy compare`: the dense original against a candidate, both run as deployed (ONNX Runtime, CPU), for
+any registered task.
 
-Either side may be a bundle (exported on the fly, folded, into a temporary directory) or an .onnx file.
-Accuracy and parity are measured on the real test split through the exported graphs, so the numbers are
-those of what would ship, not of the PyTorch model.
+Either side may be a bundle (exported on the fly through the pipeline of ``lrdeploy export``) or an .onnx
+file (:func:`lrdeploy.artifacts.resolve_artifact`). The artefacts' task (:func:`lrdeploy.tasks.manifest_task`
+of their manifests; ONNX files carry theirs in metadata) supplies everything that differs between tasks, so
+nothing here names one:
 
-Options that turn the comparison into a gate (each miss is named, and the CLI exits 1):
-- ``precision`` ("fp32", "fp16", "bf16", "int8"): judge output parity with that preset
-  (:data:`lrdeploy.serving.parity.TOLERANCES`) — for a candidate that is the same model in another
-  precision or runtime. Without it, parity is reported but not judged (a compressed model differs by design
-  and is judged by the accuracy budget).
-- ``max_accuracy_drop`` / ``min_agreement``: the accuracy budget.
+- ``task``: the test split (``task.load``, with the manifest's vocabularies or tokenizer), both runtimes
+  judged on it (``task.evaluate_with_rows``: the task's metrics, e.g. accuracy; perplexity and BLEU), with the
+  headline metric and every delta;
+- ``parity``: :func:`lrdeploy.serving.parity.output_parity` over the rows the task compares (logits per image,
+  per target token, embeddings per sentence), judged with a ``precision`` preset when one is given (a
+  candidate that is the same model in another precision or runtime). Without one, parity is reported but not
+  judged: a compressed model differs by design and is judged by its budgets;
+- ``latency``: :func:`lrdeploy.serving.bench.benchmark` (interleaved blocks, paired speed-ups) on the task's
+  real test inputs (``task.feeds``), the same arrays for both models;
+- ``budget``: the task's checks (``task.budget_checks`` with :class:`lrdeploy.tasks.BudgetSettings`: a drop
+  of the headline metric in points, the task's own limits, optionally top-1 agreement) plus the checks every
+  comparison applies (NaN/Inf in the candidate's outputs);
+- optional: a golden set of the dense model's outputs on the first test inputs (``--save-golden``, for
+  ``lrdeploy check``) and ONNX Runtime's per-operator profile (``--profile``).
 
-Translation models (bundles of the ``transformer`` family, with their tokenizers in the manifest) are compared
-in PyTorch on Multi30k: perplexity, token accuracy and BLEU (``task`` section) and teacher-forced logit parity
-over non-padding target tokens. TODO(translation): ONNX export and the latency harness take one input tensor
-today, so translation artefacts must be bundles and no latency is measured for them yet.
+``report["verdict"]`` sums up every miss (the CLI exits 1 on one).
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import onnx
+import numpy as np
 
 from lrdeploy import __version__
+from lrdeploy.artifacts import Artifact, resolve_artifact
 from lrdeploy.errors import UserError
 
 SCHEMA = "lrdeploy.compare/1"
-PARITY_SENTENCES = 128  # translation parity: logits of this many sentences (vocabulary-sized rows per token)
+PARITY_EXAMPLES = 128  # parity rows of this many test examples where a task keeps fewer than all of them
+GOLDEN_MAX_BYTES = 64 << 20  # a golden set's reference outputs (sequence logits are vocabulary-sized)
+RUNTIME = "ort-cpu"
 
 
-@dataclass
-class Artifact:
-    """One side of a comparison, resolved to an ONNX file plus what we know about it."""
-
-    label: str
-    source: Path
-    kind: str  # "bundle" or "onnx"
-    onnx_path: Path
-    manifest: dict[str, Any] | None
-    params: int
-    flops: int | None
-    onnx_bytes: int
-    weights_bytes: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    trained: dict[str, Any] | None = None  # the manifest's figures: the PyTorch model as trained
-    graph: dict[str, Any] | None = None  # how params/flops/weights_bytes were counted from the graph
-
-    @property
-    def name(self) -> str:
-        """What people call it: the file stem of an .onnx file, the directory name of a bundle."""
-        return self.source.stem if self.kind == "onnx" else (self.source.name or str(self.source))
-
-    def summary(self) -> dict[str, Any]:
-        manifest = self.manifest or {}
-        return {
-            "name": self.name,
-            "label": self.label,
-            "source": str(self.source),
-            "kind": self.kind,
-            "model": manifest.get("model", {}).get("name"),
-            "method": manifest.get("method", {}).get("name"),
-            "params": self.params,
-            "flops": self.flops,
-            "onnx_bytes": self.onnx_bytes,
-            "weights_bytes": self.weights_bytes,
-            "structure": manifest.get("structure", {}),
-            **({"trained": self.trained} if self.trained else {}),
-            **({"graph": self.graph} if self.graph else {}),
-            **self.extra,
-        }
-
-
-def deployed_figures(path: Path) -> dict[str, Any]:
-    """``params``, ``flops``, ``weights_bytes`` of the graph as deployed (``exporters.graph_stats``), and
-    ``graph``: how they were counted. A re-multiplied (``--fold dense``/``auto``) layer counts at its dense
-    size here, whatever the manifest says; ``flops`` is None when the graph's cost cannot be derived."""
-    from lrdeploy.exporters.graph_stats import graph_stats
-
-    stats = graph_stats(path)
-    summary = stats.summary()
-    graph = {k: v for k, v in summary.items() if k not in ("params", "flops", "weights_bytes")}
-    return {"params": stats.params, "flops": stats.flops, "weights_bytes": stats.weights_bytes,
-            "graph": graph}
-
-
-def trained_figures(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The manifest's ``params``/``flops``: the trained PyTorch model (``count_params``, ``count_flops``),
-    kept next to the deployed figures, never instead of them. (Its ``weights_bytes`` is the safetensors
-    file's size, header included, so it would differ from the graph's weight bytes for no reason.)"""
-    manifest = manifest or {}
-    figures = {k: manifest[k] for k in ("params", "flops")
-               if isinstance(manifest.get(k), int) and not isinstance(manifest.get(k), bool)}
-    return figures or None
-
-
-def resolve_artifact(label: str, path: Path, workdir: Path) -> Artifact:
-    """Load a bundle (and export it) or check an .onnx file; a bad path is a one-line UserError."""
-    from lrdeploy.exporters.onnx import load_onnx_checked, read_onnx_metadata
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{label} {path} does not exist", "pass a bundle directory or an .onnx file")
-    if path.is_dir():
-        from lrdeploy.bundle import load_bundle
-
-        bundle = load_bundle(path)
-        onnx_path = workdir / f"{label}.onnx"
-        from lrdeploy.workflows import export_bundle  # the same folding as `lrdeploy export` (--fold auto)
-
-        export_bundle(path, onnx_path, optimize=False, fold="auto")
-        return Artifact(
-            label=label,
-            source=path,
-            kind="bundle",
-            onnx_path=onnx_path,
-            manifest=bundle.manifest,
-            onnx_bytes=onnx_path.stat().st_size,
-            trained=trained_figures(bundle.manifest),
-            **deployed_figures(onnx_path),  # what was exported (folding may re-multiply factors)
-        )
-    if path.suffix != ".onnx":
-        raise UserError(
-            f"{label} {path} is neither a bundle directory nor an .onnx file",
-            "pass a bundle from lrdeploy train/compress or a file from lrdeploy export",
-        )
-    extra: dict[str, Any] = {}
-    try:
-        load_onnx_checked(path)
-    except UserError as exc:
-        # A file that parses but fails the ONNX checker still runs in ONNX Runtime, which is the judge of
-        # what deploys: ORT's own fp16 converter (keep_io_types) leaves its input Casts out of topological
-        # order, for one. Truncated or corrupt files do not parse and stay an error.
-        try:
-            onnx.load(str(path), load_external_data=False)
-        except Exception:
-            raise exc from None
-        cause = str(exc.__cause__ or exc).strip().splitlines()[0].split(", however")[0]
-        cause = cause if len(cause) <= 70 else cause[:69] + "…"
-        extra["onnx_checker"] = f"failed ({cause}); run by ORT anyway"
-    manifest = read_onnx_metadata(path) or None
-    return Artifact(
-        label=label,
-        source=path,
-        kind="onnx",
-        onnx_path=path,
-        manifest=manifest,
-        onnx_bytes=path.stat().st_size,
-        extra=extra,
-        trained=trained_figures(manifest),  # the stamped manifest: what was trained, maybe not what is here
-        **deployed_figures(path),
-    )
-
-
-def _dataset_name(explicit: str | None, *artifacts: Artifact) -> str:
-    if explicit:
-        return explicit
-    for art in artifacts:
-        name = ((art.manifest or {}).get("dataset") or {}).get("name")
-        if name:
-            return name
-    return "mnist"
-
-
+# --- budgets ------------------------------------------------------------------------------------------------
 def check_reference_finite(parity: dict[str, Any], what: str = "dense model") -> None:
     """UserError when the reference's outputs hold NaN/Inf: it cannot vouch for any candidate, so the
     comparison is refused (exit 2) rather than judged; called before the minutes of timing."""
@@ -214,42 +94,42 @@ def budget_failures(checks: list[dict[str, Any]]) -> list[str]:
     return [line(c) for c in checks if not c["passed"]]
 
 
-def evaluate_budget(
-    accuracy: dict[str, Any],
-    parity: dict[str, Any],
-    max_accuracy_drop: float,
-    min_agreement: float | None,
-    *,
-    metric: str = "accuracy drop (points)",
-    scale: float = 100.0,
-) -> dict[str, Any]:
-    """Check the candidate against the user's budgets; a miss is listed by name, with the numbers.
-
-    ``accuracy`` holds ``reference`` and ``candidate`` of the task metric (higher is better); ``scale``
-    turns their difference into points (100 for fractions, 1 for BLEU, which is already 0-100).
-    """
-    drop_points = scale * (accuracy["reference"] - accuracy["candidate"])
-    checks = [
-        {
-            "name": metric,
-            "limit": max_accuracy_drop,
-            "value": drop_points,
-            "passed": drop_points <= max_accuracy_drop,  # NaN fails
-        },
-        *nonfinite_budget_checks(parity),
-    ]
-    if min_agreement is not None:
-        agreement = parity["top1_agreement"]
-        checks.append(
-            {
-                "name": "top-1 agreement",
-                "limit": min_agreement,
-                "value": agreement,
-                "passed": agreement is not None and agreement >= min_agreement,
-            }
-        )
+def evaluate_budget(task: Any, reference: Mapping[str, Any], candidate: Mapping[str, Any],
+                    parity: dict[str, Any], budgets: Any) -> dict[str, Any]:
+    """The task's budget checks on both sides' metrics plus the non-finite check; a miss is listed by name,
+    with the numbers (``{"checks", "failures", "passed"}``)."""
+    checks = [*task.budget_checks(reference, candidate, parity, budgets), *nonfinite_budget_checks(parity)]
     failures = budget_failures(checks)
     return {"checks": checks, "failures": failures, "passed": not failures}
+
+
+def budget_settings(task: Any, *, max_accuracy_drop: float | None = None, max_bleu_drop: float | None = None,
+                    max_perplexity_increase: float | None = None,
+                    min_agreement: float | None = None) -> Any:
+    """The CLI's budget flags as :class:`lrdeploy.tasks.BudgetSettings` for ``task``.
+
+    ``--max-accuracy-drop`` is the drop of the task's headline metric, in points; ``--max-bleu-drop`` names
+    it where the headline is BLEU; ``--max-perplexity-increase`` needs a task that measures perplexity. A
+    flag the task cannot apply is a UserError, never ignored.
+    """
+    from lrdeploy.tasks import BudgetSettings
+
+    for flag, value in (("--max-accuracy-drop", max_accuracy_drop), ("--max-bleu-drop", max_bleu_drop),
+                        ("--max-perplexity-increase", max_perplexity_increase),
+                        ("--min-agreement", min_agreement)):
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        if value is not None and not (finite and value >= 0):
+            raise UserError(f"{flag} must be a finite number >= 0, got {value!r}")
+    keys = {m.key for m in task.metrics()}
+    if max_bleu_drop is not None and task.headline.key != "bleu":
+        raise UserError(f"--max-bleu-drop applies where the headline metric is BLEU; {task.name} models are "
+                        f"judged by {task.headline.label}", "use --max-accuracy-drop (the headline metric)")
+    if max_perplexity_increase is not None and "perplexity" not in keys:
+        raise UserError("--max-perplexity-increase applies to tasks that measure perplexity, not "
+                        f"{task.name}", "drop it")
+    max_drop = max_bleu_drop if max_bleu_drop is not None else max_accuracy_drop
+    return BudgetSettings(max_drop=max_drop, min_agreement=min_agreement,
+                          max_perplexity_increase=max_perplexity_increase)
 
 
 def verdict(report: dict[str, Any]) -> dict[str, Any]:
@@ -260,22 +140,88 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
     return {"passed": not failures, "failures": failures}
 
 
-def assemble_report(ref: Any, cand: Any, sections: dict[str, Any]) -> dict[str, Any]:
-    """The compare report's common frame: both model summaries, size ratios, the task's sections, provenance.
+# --- what the two sides are ---------------------------------------------------------------------------------
+def common_task(ref: Artifact, cand: Artifact) -> Any:
+    """The task both artefacts record; two different tasks cannot be compared."""
+    a, b = ref.task, cand.task
+    if a.name != b.name:
+        raise UserError(f"the dense artefact is a {a.name} model and the candidate a {b.name} model",
+                        "compare two artefacts of the same model (a bundle, its export, its compressed copy)")
+    return a
 
-    ``ref``/``cand`` are artefacts with ``summary()``, ``params``, ``flops`` and ``onnx_bytes``
-    (classification and translation artefacts alike).
-    """
+
+def load_test_data(task: Any, ref: Artifact, cand: Artifact, *, dataset: str | None, data_dir: Path | None,
+                   limit: int | None) -> tuple[Any, str]:
+    """(test split, dataset name), prepared with what the artefacts' manifests record (vocabularies, a
+    tokenizer), which both sides must share: the same ids must mean the same inputs."""
+    manifests = [a.manifest for a in (ref, cand) if a.manifest]
+    extras = [task.manifest_extra_from(m) for m in manifests]
+    extras = [e for e in extras if e]
+    if len(extras) == 2 and extras[0] != extras[1]:
+        keys = ", ".join(sorted(extras[0]))
+        raise UserError(f"the two models were trained with different {keys}",
+                        "their inputs would mean different things; compare models trained on the same data")
+    manifest = next((m for m in manifests if task.manifest_extra_from(m)), manifests[0] if manifests else {})
+    records = [m.get("dataset") or {} for m in manifests]
+    name = dataset or next((r["name"] for r in records if r.get("name")), None) or task.default_dataset
+    if not name:
+        raise UserError(f"neither artefact records a dataset, and task {task.name} has no built-in one",
+                        "name one with --data")
+    model_args = (manifest.get("model") or {}).get("args") or {}
+    return task.load(name, "test", data_dir=data_dir, limit=limit, manifest=manifest,
+                     model_args=model_args), name
+
+
+def task_section(task: Any, data: Any, dataset: str, ref: Mapping[str, Any],
+                 cand: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``task`` part of the report: every metric per side, their deltas, the headline, how to show
+    them (the task's metric descriptors, so report readers need not know the task)."""
+    def delta(key: str) -> float | None:
+        a, b = ref.get(key), cand.get(key)
+        return b - a if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+
+    h = task.headline
+    return {
+        "task": task.name,
+        "dataset": dataset,
+        "split": "test",
+        "samples": int(task.num_examples(data)),
+        **task.describe_data(data),
+        "metrics": [asdict(m) for m in task.metrics()],
+        "headline": {"key": h.key, "label": h.label, "reference": ref.get(h.key),
+                     "candidate": cand.get(h.key), "delta": delta(h.key)},
+        "reference": dict(ref),
+        "candidate": dict(cand),
+        "delta": {k: delta(k) for k in ref},
+        "runtime": "onnxruntime cpu (the exported graphs)",
+    }
+
+
+def accuracy_alias(section: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``accuracy`` part of reports written before the ``task`` part existed, for tasks that measure
+    ``accuracy`` (kept so readers of ``report["accuracy"]`` keep working; new readers use ``task``)."""
+    ref, cand = section["reference"].get("accuracy"), section["candidate"].get("accuracy")
+    if ref is None or cand is None:
+        return None
+    return {"dataset": section["dataset"], "split": section["split"], "samples": section["samples"],
+            "reference": ref, "candidate": cand, "delta": cand - ref}
+
+
+def assemble_report(ref: Any, cand: Any, sections: dict[str, Any]) -> dict[str, Any]:
+    """The compare report's common frame: both model summaries, size ratios, the sections, provenance."""
     from lrdeploy.serving.report import command_line
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return a / b if a and b else None
 
     return {
         "schema": SCHEMA,
         "reference": ref.summary(),
         "candidate": cand.summary(),
         "ratios": {
-            "params": ref.params / max(cand.params, 1),
-            "flops": (ref.flops / cand.flops) if ref.flops and cand.flops else None,
-            "onnx_bytes": ref.onnx_bytes / max(cand.onnx_bytes, 1) if cand.onnx_bytes else None,
+            "params": ratio(ref.params, cand.params),
+            "flops": ratio(ref.flops, cand.flops),
+            "onnx_bytes": ratio(ref.onnx_bytes, cand.onnx_bytes),
         },
         **sections,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -284,6 +230,40 @@ def assemble_report(ref: Any, cand: Any, sections: dict[str, Any]) -> dict[str, 
     }
 
 
+# --- golden sets --------------------------------------------------------------------------------------------
+def golden_set(task: Any, data: Any, predict: Any, samples: int) -> tuple[dict[str, np.ndarray],
+                                                                           dict[str, np.ndarray],
+                                                                           np.ndarray | None, str]:
+    """(inputs, reference outputs, labels, selection) of the first ``samples`` test examples, fewer when the
+    outputs would pass :data:`GOLDEN_MAX_BYTES` (vocabulary-sized logits per token)."""
+    from lrdeploy.tasks import batched
+
+    n = min(samples, task.num_examples(data))
+    probe = predict(task.feeds(data, 1))
+    per_example = max(sum(np.asarray(v).nbytes for v in probe.values()), 1)
+    capped = max(1, min(n, GOLDEN_MAX_BYTES // per_example))
+    selection = f"first {capped} test examples"
+    if capped < n:
+        selection += f" (of {n} asked: outputs capped at {GOLDEN_MAX_BYTES >> 20} MiB)"
+    feeds = task.feeds(data, capped)
+    return feeds, batched(predict, feeds, 64), task.labels(data, capped), selection
+
+
+def check_against_golden(candidate: Path, golden: Path, *, precision: str | None = None,
+                         threads: int | None = None) -> dict[str, Any]:
+    """`lrdeploy check`: run the golden set's named inputs through the candidate (resolved like
+    ``compare``'s sides, on ONNX Runtime CPU) and judge every output (:func:`serving.golden.check_golden`)."""
+    from lrdeploy.serving.golden import check_golden, load_golden
+    from lrdeploy.serving.runtimes import load_runtime
+
+    gold = load_golden(golden)
+    with tempfile.TemporaryDirectory(prefix="lrdeploy-check-") as tmp:
+        art = resolve_artifact("candidate", Path(candidate), Path(tmp))
+        runtime = load_runtime(RUNTIME, art.onnx_path, threads=threads, name="candidate")
+        return check_golden(gold, runtime, precision=precision, candidate=art.summary())
+
+
+# --- the comparison -----------------------------------------------------------------------------------------
 def compare_artifacts(
     dense: Path,
     candidate: Path,
@@ -291,11 +271,13 @@ def compare_artifacts(
     dataset: str | None = None,
     data_dir: Path | None = None,
     limit_test: int | None = None,
-    batch_sizes: list[int] | tuple[int, ...] = (1, 32),
+    batch_sizes: Sequence[int] = (1, 32),
     threads: int | None = None,
     min_seconds: float = 1.0,
-    max_accuracy_drop: float = 1.0,
+    max_accuracy_drop: float | None = None,
     min_agreement: float | None = None,
+    max_bleu_drop: float | None = None,
+    max_perplexity_increase: float | None = None,
     precision: str | None = None,
     json_path: Path | None = None,
     out_dir: Path | None = None,
@@ -303,40 +285,27 @@ def compare_artifacts(
     golden_samples: int | None = None,
     profile: bool = False,
     progress: bool = True,
-    max_bleu_drop: float | None = None,
-    max_perplexity_increase: float = 0.10,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Measure candidate against dense on accuracy, parity and interleaved latency; return the report dict.
+    """Measure candidate against dense on the task's metrics, parity and interleaved latency (module
+    docstring); return the report dict.
 
-    ``precision`` judges parity with that preset (see the module docstring); ``json_path`` writes the
-    report; ``out_dir`` writes ``report.json``, ``report.md`` and ``plot.png`` there; ``save_golden`` writes
-    the dense model's outputs on the first ``golden_samples`` test examples (with those inputs and labels) as
-    a golden set for ``lrdeploy check``; ``profile`` adds ONNX Runtime's per-operator breakdown of both
-    models at every batch size (``serving.profile.profile_onnx``, run after the timing) under ``profile``.
-    ``report["verdict"]`` sums up every miss. Translation artefacts go to
-    :func:`lrdeploy.translation_compare.compare_translation` (budgets ``max_bleu_drop``, default
-    ``max_accuracy_drop``, and ``max_perplexity_increase``, relative).
+    Budgets (None: the task's default): ``max_accuracy_drop`` is the headline metric's drop in points
+    (``max_bleu_drop`` where that is BLEU), ``max_perplexity_increase`` relative, ``min_agreement`` top-1.
+    ``precision`` judges parity with that preset; ``json_path`` writes the report; ``out_dir`` writes
+    ``report.json``, ``report.md`` and ``plot.png`` there; ``save_golden`` writes the dense model's inputs and
+    outputs on the first ``golden_samples`` test examples as a golden set for ``lrdeploy check``;
+    ``profile`` adds ONNX Runtime's per-operator breakdown of both models at every batch size (after the
+    timing) under ``profile``.
     """
-    from lrdeploy import translation_compare as tc
-
-    if tc.is_translation_artifact(dense) or tc.is_translation_artifact(candidate):  # two int64 inputs
-        return tc.compare_translation(
-            dense, candidate, dataset=dataset, data_dir=data_dir, limit_test=limit_test,
-            batch_sizes=batch_sizes, threads=threads, min_seconds=min_seconds, min_agreement=min_agreement,
-            precision=precision,
-            max_bleu_drop=max_accuracy_drop if max_bleu_drop is None else max_bleu_drop,
-            max_perplexity_increase=max_perplexity_increase, json_path=json_path, out_dir=out_dir,
-            save_golden=save_golden, profile=profile, progress=progress, force=force)
-    from lrdeploy.data import load_dataset
     from lrdeploy.serving.bench import benchmark
     from lrdeploy.serving.golden import DEFAULT_SAMPLES
     from lrdeploy.serving.golden import check_destination as check_golden_destination
     from lrdeploy.serving.golden import save_golden as write_golden
-    from lrdeploy.serving.parity import accuracy as accuracy_of
-    from lrdeploy.serving.parity import get_tolerance, judge, output_parity, run_batched
+    from lrdeploy.serving.parity import get_tolerance, judge, output_parity
     from lrdeploy.serving.report import latency_section, write_json, write_reports
-    from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
+    from lrdeploy.serving.runtimes import load_runtime
+    from lrdeploy.tasks import runtime_predict
 
     # every check on the user's arguments before the minutes of work
     if json_path is not None and Path(json_path).is_dir():
@@ -355,58 +324,58 @@ def compare_artifacts(
     with tempfile.TemporaryDirectory(prefix="lrdeploy-compare-") as tmp:
         ref = resolve_artifact("dense", Path(dense), Path(tmp))
         cand = resolve_artifact("candidate", Path(candidate), Path(tmp))
-        ds_name = _dataset_name(dataset, ref, cand)
-        test_set = load_dataset(ds_name, "test", data_dir=data_dir, limit=limit_test)
-        x = test_set.x.numpy()
-        labels = test_set.y.numpy()
-
-        runtimes = {
-            "dense": OrtCpuRuntime(ref.onnx_path, threads=threads),
-            "candidate": OrtCpuRuntime(cand.onnx_path, threads=threads),
-        }
-        logits = {name: run_batched(rt, x, 256) for name, rt in runtimes.items()}
-        acc = {
-            "reference": accuracy_of(logits["dense"], labels),
-            "candidate": accuracy_of(logits["candidate"], labels),
-            "dataset": ds_name,
-            "split": "test",
-            "samples": int(len(labels)),
-            "delta": None,
-        }
-        acc["delta"] = acc["candidate"] - acc["reference"]
-        parity = output_parity(logits["dense"], logits["candidate"])
+        task = common_task(ref, cand)
+        budgets = budget_settings(task, max_accuracy_drop=max_accuracy_drop, max_bleu_drop=max_bleu_drop,
+                                  max_perplexity_increase=max_perplexity_increase,
+                                  min_agreement=min_agreement)
+        data, ds_name = load_test_data(task, ref, cand, dataset=dataset, data_dir=data_dir, limit=limit_test)
+        runtimes = {name: load_runtime(RUNTIME, art.onnx_path, threads=threads, name=name)
+                    for name, art in (("dense", ref), ("candidate", cand))}
+        predicts = {name: runtime_predict(rt) for name, rt in runtimes.items()}
+        results = {name: task.evaluate_with_rows(predict, data, final=True, parity_examples=PARITY_EXAMPLES)
+                   for name, predict in predicts.items()}
+        (ref_metrics, ref_rows), (cand_metrics, cand_rows) = results["dense"], results["candidate"]
+        parity = output_parity(ref_rows, cand_rows)
         check_reference_finite(parity)
-        session = getattr(runtimes["dense"], "session", None)
-        parity["output"] = session.get_outputs()[0].name if session is not None else "output"
+        parity["output"] = runtimes["dense"].outputs()[0].name
+        note = task.parity_note(data, PARITY_EXAMPLES)
+        if note:
+            parity["rows"] = note
         if precision is not None:
             parity = judge(parity, precision)
+        section = task_section(task, data, ds_name, ref_metrics, cand_metrics)
         if save_golden is not None:
-            n = min(golden_samples, len(x))
-            write_golden(save_golden, x[:n], {parity["output"]: logits["dense"][:n]}, labels=labels[:n],
-                         dataset={"name": ds_name, "split": "test",
-                                  "selection": f"first {n} test examples"},
+            inputs, outputs, labels, selection = golden_set(task, data, predicts["dense"], golden_samples)
+            record = {"name": ds_name, "split": "test", "selection": selection, "task": task.name}
+            write_golden(save_golden, inputs, outputs, labels=labels, dataset=record,
                          precision=precision or "fp32", reference=ref.summary(), force=force)
-            golden_record = {"path": str(save_golden), "samples": n, "precision": precision or "fp32"}
-        bench = benchmark(
-            runtimes,
-            tuple(x.shape[1:]),
-            batch_sizes,
-            min_seconds=min_seconds,
-            progress=progress,
-        )
+            golden_record = {"path": str(save_golden), "samples": len(next(iter(inputs.values()))),
+                             "precision": precision or "fp32"}
+
+        def feeds_for(batch: int) -> dict[str, np.ndarray]:
+            return task.feeds(data, batch)
+
+        bench = benchmark(runtimes, feeds_for, batch_sizes, min_seconds=min_seconds, progress=progress)
         runtime_info = {name: rt.describe() for name, rt in runtimes.items()}
-        sections = {
-            "accuracy": acc,
+        sections: dict[str, Any] = {
+            "task": section,
             "parity": parity,
             "latency": latency_section(bench, "dense", "candidate"),
-            "environment": {**bench.environment, "runtimes": runtime_info},
-            "budget": evaluate_budget(acc, parity, max_accuracy_drop, min_agreement),
+            "environment": {**bench.environment, "runtimes": runtime_info,
+                            "latency_inputs": {b: {k: v["shape"] for k, v in fed.items()}
+                                               for b, fed in bench.settings["inputs"].items()}},
+            "budget": evaluate_budget(task, ref_metrics, cand_metrics, parity, budgets),
+            "notes": [f"latency is timed on the first <batch> {ds_name} test examples ({task.name} task "
+                      "inputs; shapes in environment.latency_inputs), the same arrays for both models"],
         }
+        alias = accuracy_alias(section)
+        if alias is not None:
+            sections["accuracy"] = alias
         if profile:  # after the timing, so the profiler never touches the timed numbers
             from lrdeploy.serving.profile import profile_onnx
 
             sections["profile"] = {
-                name: {str(b): profile_onnx(art.onnx_path, tuple(x.shape[1:]), b,
+                name: {str(b): profile_onnx(art.onnx_path, (), b, feeds=feeds_for(b),
                                             threads=runtime_info[name].get("threads", threads))
                        for b in batch_sizes}
                 for name, art in (("dense", ref), ("candidate", cand))

@@ -525,15 +525,17 @@ def _array_cross(record: dict[str, Any], path: JsonPath) -> None:
 
 def _golden_cross(manifest: dict[str, Any], path: JsonPath) -> None:
     arrays = manifest["arrays"]
-    if "inputs" not in arrays:
-        raise SchemaError((*path, "arrays"), "lacks the required entry 'inputs'")
+    # lrdeploy.golden/1 holds one unnamed 'inputs' array; /2 one 'inputs/<name>' array per model input
+    inputs = [k for k in arrays if k == "inputs" or (k.startswith("inputs/") and len(k) > len("inputs/"))]
+    if not inputs:
+        raise SchemaError((*path, "arrays"), "lacks the required entry 'inputs' (or 'inputs/<name>')")
     if not any(k.startswith("outputs/") and len(k) > len("outputs/") for k in arrays):
         raise SchemaError((*path, "arrays"), "holds no 'outputs/<name>' entry")
-    samples = arrays["inputs"]["shape"][0]
+    samples = arrays[inputs[0]]["shape"][0]
     for name, record in arrays.items():
         if record["shape"][0] != samples:
             raise SchemaError((*path, "arrays", name, "shape", 0),
-                              f"must equal the {samples} samples of 'inputs', got {record['shape'][0]}")
+                              f"must equal the {samples} samples of '{inputs[0]}', got {record['shape'][0]}")
     recorded = (manifest.get("dataset") or {}).get("samples")
     if recorded is not None and recorded != samples:
         raise SchemaError((*path, "dataset", "samples"),

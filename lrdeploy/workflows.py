@@ -538,24 +538,6 @@ def read_export_shape(onnx_path: Path) -> tuple[int, ...]:
     return tuple(int(d) for d in shape) if shape else ()
 
 
-def _translation_test_feeds(manifest: dict[str, Any], data_dir: Path | None, limit: int
-                            ) -> tuple[dict[str, Any] | None, Any]:
-    """Test sentence pairs as the graph's inputs, and target tokens as labels (padding marked -1)."""
-    from lrdeploy.data.multi30k import load_translation, tokenizers_from_dict
-    from lrdeploy.data.tokenizer import PAD_ID
-    from lrdeploy.models import get_spec
-
-    ds_name = (manifest.get("dataset") or {}).get("name")
-    if not ds_name or not manifest.get("tokenizers"):
-        return None, None  # judged on random token ids, without an accuracy delta
-    test = load_translation(ds_name, "test", data_dir, limit=limit,
-                            tokenizers=tokenizers_from_dict(manifest["tokenizers"]))
-    labels = test.tgt_out.numpy().copy()
-    labels[labels == PAD_ID] = -1
-    names = [i.name for i in get_spec(manifest["model"]["name"]).inputs] or ["src", "tgt_in"]
-    return dict(zip(names, (test.src.numpy(), test.tgt_in.numpy()), strict=True)), labels
-
-
 def export_precision_variant(
     bundle_path: Path,
     onnx_path: Path,
@@ -574,22 +556,24 @@ def export_precision_variant(
     """
     from lrdeploy.bundle import read_manifest
     from lrdeploy.exporters.precision import convert_precision
-    from lrdeploy.translation_compare import is_translation_manifest
+    from lrdeploy.tasks import manifest_task
 
     manifest = read_manifest(bundle_path)
     ds_name = dataset or (manifest.get("dataset") or {}).get("name")
     calibration = test_x = labels = None
-    if is_translation_manifest(manifest):  # Linear-heavy: dynamic int8 needs no calibration
-        test_x, labels = _translation_test_feeds(manifest, data_dir, test_examples)
-    elif ds_name:
-        from lrdeploy.data import load_dataset
-
-        if precision == "int8":
-            calibration = load_dataset(
-                ds_name, "train", data_dir=data_dir, limit=calibration_examples
-            ).x.numpy()
-        test = load_dataset(ds_name, "test", data_dir=data_dir, limit=test_examples)
-        test_x, labels = test.x.numpy(), test.y.numpy()
+    named = manifest_task(manifest)  # reads built-in datasets and a user's own (data/user_data.py) alike
+    if ds_name:
+        model_args = (manifest.get("model") or {}).get("args") or {}
+        test = named.load(ds_name, "test", data_dir=data_dir, limit=test_examples, manifest=manifest,
+                          model_args=model_args)
+        n = named.num_examples(test)
+        test_x, labels = named.feeds(test, n), named.labels(test, n)  # the graph's named inputs
+        if precision == "int8" and len(test_x) == 1:
+            # one input (images): static QDQ for conv nets calibrates on real training inputs; models with
+            # several (token ids + mask) are Linear-heavy and get dynamic int8, which needs no calibration
+            train = named.load(ds_name, "train", data_dir=data_dir, limit=calibration_examples,
+                               manifest=manifest, model_args=model_args)
+            calibration = next(iter(named.feeds(train, named.num_examples(train)).values()))
     elif precision == "int8":
         raise UserError(
             f"bundle {bundle_path} records no dataset to calibrate int8 on",

@@ -34,22 +34,10 @@ from lrdeploy.models import create_model
 from lrdeploy.serving.bench import benchmark
 from lrdeploy.serving.parity import accuracy, output_parity, run_batched
 from lrdeploy.serving.report import write_json
+from lrdeploy.serving.runtimes import first_output
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 
 MODES = ("factored", "dense", "auto")
-
-
-class FixedFeeds:
-    """Runs the stored feeds of the requested batch size (multi-input models through the float harness)."""
-
-    def __init__(self, runtime: OrtCpuRuntime, feeds: dict[int, tuple[np.ndarray, ...]]) -> None:
-        self.runtime, self.feeds, self.name = runtime, feeds, runtime.name
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.runtime.run(self.feeds[len(x)])
-
-    def describe(self) -> dict:
-        return self.runtime.describe()
 
 
 def _export(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...]) -> Path:
@@ -107,12 +95,15 @@ def part_fold(out: Path, ratios: list[float], batches: list[int], seconds: float
                 paths["dense-int8"] = dense_int8
                 paths["auto-int8"] = _int8(paths["auto"], calibration)
                 runtimes = {k: OrtCpuRuntime(p) for k, p in paths.items()}
-                if getattr(dense, "example_inputs", None):
-                    feeds = {b: tuple(t.numpy() for t in dense.example_inputs(b, 32, 32))}
-                    runtimes = {k: FixedFeeds(rt, feeds) for k, rt in runtimes.items()}
+                if getattr(dense, "example_inputs", None):  # token ids: the model's own valid inputs
+                    tensors = dense.example_inputs(b, 32, 32)
+                    example = dict(zip(dense.input_names, (t.numpy() for t in tensors), strict=True))
+                    feeds = lambda batch, example=example: example  # noqa: E731 - one batch size per run
+                else:
+                    feeds = shape
                 bench = benchmark(
                     runtimes,
-                    shape if not getattr(dense, "example_inputs", None) else (1,),
+                    feeds,
                     [b],
                     min_seconds=seconds,
                     progress=False,
@@ -175,10 +166,10 @@ def part_precision(methods_dir: Path, data_dir: Path | None, out: Path, seconds:
                 "failures": res.failures,
             }
     runtimes = {k: OrtCpuRuntime(p) for k, p in paths.items()}
-    ref_logits = run_batched(runtimes["dense-fp32"], x, 256)
+    ref_logits = first_output(run_batched(runtimes["dense-fp32"], {"input": x}, 256))
     for k, rt in runtimes.items():
-        logits = run_batched(rt, x, 256)
-        fp32_logits = run_batched(runtimes[k.rsplit("-", 1)[0] + "-fp32"], x, 256)
+        logits = first_output(run_batched(rt, {"input": x}, 256))
+        fp32_logits = first_output(run_batched(runtimes[k.rsplit("-", 1)[0] + "-fp32"], {"input": x}, 256))
         results.setdefault(k, {})
         results[k]["accuracy"] = accuracy(logits, y)
         results[k]["rel_l2_vs_own_fp32"] = output_parity(fp32_logits, logits)["rel_l2"]
@@ -203,7 +194,7 @@ def part_translation(dense: Path, lowrank: Path, data_dir: Path | None, out: Pat
     fp32 graph the way `lrdeploy compare` does (perplexity, token accuracy, BLEU on the whole test split;
     latency of the two graphs interleaved in one run, per pair).
     """
-    from lrdeploy.translation_compare import compare_translation
+    from lrdeploy.comparison import compare_artifacts
     from lrdeploy.workflows import export_bundle, export_precision_variant
 
     paths: dict[str, Path] = {}
@@ -220,8 +211,8 @@ def part_translation(dense: Path, lowrank: Path, data_dir: Path | None, out: Pat
     for key, path in paths.items():
         if key == "dense-fp32":
             continue
-        rep = compare_translation(paths["dense-fp32"], path, data_dir=data_dir, min_seconds=seconds,
-                                  max_bleu_drop=100.0, max_perplexity_increase=100.0, progress=False)
+        rep = compare_artifacts(paths["dense-fp32"], path, data_dir=data_dir, min_seconds=seconds,
+                                max_bleu_drop=100.0, max_perplexity_increase=100.0, progress=False)
         task, lat = rep["task"], rep["latency"]
         results.setdefault("dense-fp32", {k: task["reference"][k] for k in ("perplexity", "token_accuracy",
                                                                              "bleu")})

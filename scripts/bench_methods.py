@@ -22,6 +22,7 @@ from lrdeploy.exporters.onnx import export_onnx
 from lrdeploy.serving.bench import benchmark
 from lrdeploy.serving.parity import accuracy, run_batched
 from lrdeploy.serving.report import write_json
+from lrdeploy.serving.runtimes import first_output
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 from lrdeploy.workflows import TrainRequest, train_bundle
 
@@ -85,7 +86,8 @@ def main() -> None:
     test = load_dataset(args.data, "test", data_dir=args.data_dir)
     runtimes = {m: OrtCpuRuntime(rows[m]["onnx"]) for m in rows}
     for m, rt in runtimes.items():
-        rows[m]["test_accuracy_ort"] = accuracy(run_batched(rt, test.x.numpy(), 256), test.y.numpy())
+        logits = first_output(run_batched(rt, {"input": test.x.numpy()}, 256))
+        rows[m]["test_accuracy_ort"] = accuracy(logits, test.y.numpy())
     bench = benchmark(runtimes, tuple(test.x.shape[1:]), (1, 32), min_seconds=args.seconds)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "bench": bench.to_dict()}
     write_json(args.out / "results.json", result)

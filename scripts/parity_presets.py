@@ -28,6 +28,7 @@ from lrdeploy.bundle import load_bundle
 from lrdeploy.data import load_dataset
 from lrdeploy.exporters.onnx import export_onnx
 from lrdeploy.serving.parity import TOLERANCES, check_tolerance, output_parity, run_batched
+from lrdeploy.serving.runtimes import first_output
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 from lrdeploy.workflows import TrainRequest, train_bundle
 
@@ -120,7 +121,7 @@ def measure(dataset: str, data_dir: Path | None, tmp: Path, n_test: int) -> dict
     export_onnx(load_bundle(bundle_dir), fp32, optimize=False)
     x = load_dataset(dataset, "test", data_dir=data_dir, limit=n_test).x.numpy()
     calib = load_dataset(dataset, "train", data_dir=data_dir, limit=512).x.numpy()
-    ref = run_batched(OrtCpuRuntime(fp32, threads=1), x, 256)
+    ref = first_output(run_batched(OrtCpuRuntime(fp32, threads=1), {"input": x}, 256))
     model = load_bundle(bundle_dir).model
 
     variants = {
@@ -137,7 +138,7 @@ def measure(dataset: str, data_dir: Path | None, tmp: Path, n_test: int) -> dict
         variants[f"fp16 + fault: {fault}"] = OrtCpuRuntime(path, threads=1)
     rows = {}
     for name, rt in variants.items():
-        out = run_batched(rt, x, 256)
+        out = first_output(run_batched(rt, {"input": x}, 256))
         p = output_parity(ref, out)
         rows[name] = {k: p[k] for k in KEYS}
         rows[name]["passes"] = [prec for prec in TOLERANCES if not check_tolerance(p, prec)]

@@ -25,6 +25,10 @@ Why it is built this way (see peers.md §3.I and baseline.md §3 for the failure
 - **Peak memory** per (runtime, batch): the process's resident-set high-water mark while that runtime ran at
   that batch size (Linux ``VmHWM``, reset before each span; elsewhere the lifetime ``ru_maxrss``), and torch's
   CUDA allocator peak for runtimes on a GPU — ``runtimes.base.measure_memory`` around warm-up and blocks.
+- **Named inputs, any number**: each batch size gets its feeds from a builder (``feeds(batch) -> {name:
+  array}``): the task's real test examples (``compare``) or synthetic ones from the runtime's input
+  metadata (:mod:`lrdeploy.serving.feeds`), built once per batch size, outside the timing, and bound to each
+  runtime's own input names (:func:`runtimes.base.bind_feeds`) before its warm-up.
 - **Environment recorded** with the result: CPU model, cores, threads per runtime, library versions, load,
   and the GPU/driver where one is present.
 
@@ -53,9 +57,11 @@ import numpy as np
 from lrdeploy.errors import UserError
 from lrdeploy.host import cpu_info  # engine-level: the fold cost model keys its cache by the CPU model
 
+from .feeds import FeedsFor, synthetic_feeds
 from .runtimes.base import (
     Runtime,
     available_cpus,
+    bind_feeds,
     cuda_device_info,
     gc_paused,
     measure_memory,
@@ -375,26 +381,26 @@ def _max_into(entry: dict[str, Any], key: str, value: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ harness
-def _warm_up(runtime: Runtime, x: np.ndarray, seconds: float, clock: Clock) -> int:
+def _warm_up(runtime: Runtime, feeds: Mapping[str, Any], seconds: float, clock: Clock) -> int:
     """Call until ``seconds`` have passed, at least once. Returns the number of calls."""
     start, calls = clock(), 0
     while True:
-        runtime.run(x)
+        runtime.run(feeds)
         calls += 1
         if clock() - start >= seconds:
             return calls
 
 
-def _time_block(runtime: Runtime, x: np.ndarray, *, min_runs: int, min_seconds: float, max_seconds: float,
-                warmup_runs: int, clock: Clock) -> list[float]:
+def _time_block(runtime: Runtime, feeds: Mapping[str, Any], *, min_runs: int, min_seconds: float,
+                max_seconds: float, warmup_runs: int, clock: Clock) -> list[float]:
     for _ in range(warmup_runs):
-        runtime.run(x)
+        runtime.run(feeds)
     durations: list[float] = []
     with gc_paused():  # the caller collects between batch sizes
         start = clock()
         while True:
             t0 = clock()
-            runtime.run(x)
+            runtime.run(feeds)
             t1 = clock()
             durations.append(t1 - t0)
             elapsed = t1 - start
@@ -438,7 +444,7 @@ def _check_stability(tol: float | None, windows: int, time_limit_s: float | None
 
 def benchmark(
     runtimes: Mapping[str, Runtime],
-    input_shape: Sequence[int],
+    feeds: FeedsFor | Sequence[int],
     batch_sizes: Sequence[int] = (1, 32),
     *,
     warmup_s: float = 0.5,
@@ -458,8 +464,10 @@ def benchmark(
 ) -> BenchResult:
     """Time every runtime at every batch size; the first runtime in ``runtimes`` is the reference.
 
-    ``input_shape`` is the per-sample shape (e.g. ``(1, 28, 28)``); each batch is ``(batch, *input_shape)``
-    float32 standard-normal data from ``seed``, the same array for every runtime. ``warmup_s`` is spent per
+    ``feeds(batch)`` gives one batch of named inputs (the same arrays for every runtime, bound to each one's
+    input names); a per-sample shape instead (e.g. ``(1, 28, 28)``) means synthetic inputs of that shape
+    from ``seed`` for the reference's single input (:func:`lrdeploy.serving.feeds.synthetic_feeds`).
+    ``warmup_s`` is spent per
     runtime and batch size (at least one call); ``block_warmup_runs`` untimed calls open every block;
     ``progress`` draws a Rich bar on stderr; ``clock`` is any monotonic seconds counter (tests pass a fake).
 
@@ -472,9 +480,14 @@ def benchmark(
     disturbed round (a neighbour's burst of load on a shared host) is discarded; with 2 rounds the median is
     the mean of the two and one bad block can move it arbitrarily far. ``memory`` records peak RSS (and the
     CUDA allocator peak of GPU runtimes) per runtime and batch size, read outside the timed calls. Runtimes
-    with a ``stage(x)`` method (device runtimes) get the batch staged before their warm-up, untimed.
+    with a ``stage(feeds)`` method (device runtimes) get the batch staged before their warm-up, untimed.
     """
     names = list(runtimes)
+    sample_shape = None
+    if not callable(feeds):
+        sample_shape = [int(d) for d in feeds]
+        reference_inputs = runtimes[names[0]].inputs() if names else []
+        feeds = synthetic_feeds(reference_inputs, seed=seed, sample_shape=sample_shape)
     batch_sizes = list(batch_sizes)
     _check_settings(runtimes, batch_sizes, warmup_s, min_runs, min_seconds, max_seconds, rounds,
                     block_warmup_runs)
@@ -482,7 +495,7 @@ def benchmark(
     reference = names[0]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     environment = capture_environment(runtimes)
-    rng = np.random.default_rng(seed)
+    fed: dict[str, dict[str, Any]] = {}
     tracker = _MemoryTracker(memory)
 
     def stop_reason(done: int, by_round: list[dict[str, BlockResult]], elapsed: float) -> str | None:
@@ -504,13 +517,16 @@ def benchmark(
     total = len(batch_sizes) * rounds * len(names) if stability_tol is None else None
     with _progress(progress, total=total) as advance:
         for batch in batch_sizes:
-            x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
+            batch_feeds = feeds(batch)
+            fed[str(batch)] = {k: {"shape": list(np.shape(v)), "dtype": np.asarray(v).dtype.name}
+                               for k, v in batch_feeds.items()}
+            own = {name: bind_feeds(runtimes[name].inputs(), batch_feeds, name) for name in names}
             for name in names:
                 advance(f"b{batch} warm-up {name}", 0)
                 stage = getattr(runtimes[name], "stage", None)
-                if callable(stage):  # device runtimes: put the input on the device once, untimed
-                    stage(x)
-                warm = functools.partial(_warm_up, runtimes[name], x, warmup_s, clock)
+                if callable(stage):  # device runtimes: put the inputs on the device once, untimed
+                    stage(own[name])
+                warm = functools.partial(_warm_up, runtimes[name], own[name], warmup_s, clock)
                 tracker.run(batch, name, runtimes[name], warm, warmup=True)
             gc.collect()  # once per batch size: a full collection costs ~0.1 s with torch loaded
             by_round: list[dict[str, BlockResult]] = []
@@ -522,7 +538,7 @@ def benchmark(
                 this_round: dict[str, BlockResult] = {}
                 for position, name in enumerate(order):
                     advance(f"b{batch} round {rnd + 1}" + (f"/{rounds}" if total else "") + f" {name}", 0)
-                    timed = functools.partial(_time_block, runtimes[name], x, min_runs=min_runs,
+                    timed = functools.partial(_time_block, runtimes[name], own[name], min_runs=min_runs,
                                               min_seconds=min_seconds, max_seconds=max_seconds,
                                               warmup_runs=block_warmup_runs, clock=clock)
                     durations = tracker.run(batch, name, runtimes[name], timed)
@@ -543,7 +559,8 @@ def benchmark(
     except (AttributeError, OSError):
         environment["loadavg_end"] = None
     settings = {
-        "input_shape": list(input_shape), "batch_sizes": batch_sizes, "warmup_s": warmup_s,
+        "input_shape": sample_shape if sample_shape is not None else _one_input_shape(fed),
+        "inputs": fed, "batch_sizes": batch_sizes, "warmup_s": warmup_s,
         "block_warmup_runs": block_warmup_runs, "min_runs": min_runs, "min_seconds": min_seconds,
         "max_seconds": max_seconds, "rounds": rounds, "seed": seed,
         "order": "interleaved blocks, reversed on odd rounds", "speedup": "median of per-round median ratios",
@@ -558,6 +575,14 @@ def benchmark(
         "clock": getattr(clock, "__qualname__", type(clock).__name__),
     }
     return BenchResult(reference, names, batch_sizes, settings, batches, blocks, environment, started)
+
+
+def _one_input_shape(fed: Mapping[str, Mapping[str, Any]]) -> list[int] | None:
+    """One sample's shape when every batch fed a single input of one per-sample shape (else None)."""
+    shapes = {tuple(v["shape"][1:]) for batch in fed.values() for v in batch.values()}
+    if len(shapes) != 1 or any(len(batch) != 1 for batch in fed.values()):
+        return None
+    return list(shapes.pop())
 
 
 def paired_ratios(by_round: Sequence[Mapping[str, BlockResult]], reference: str, name: str,

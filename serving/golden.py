@@ -4,17 +4,19 @@ against them in CI without the reference model (Polygraphy's ``--save-outputs``/
 A golden directory holds two files, written together and atomically (a temporary sibling directory renamed
 into place, so a crash leaves the old golden set or the new one):
 
-- ``golden.npz`` — ``inputs`` (N × sample shape), ``outputs/<name>`` per output (the reference's, as it
-  produced them), ``labels`` (N, optional: lets a check report the task metric too). Plain arrays only:
-  loaded with ``allow_pickle=False``.
+- ``golden.npz`` — ``inputs/<name>`` per model input (N × sample shape: token ids and a mask, or one image
+  batch), ``outputs/<name>`` per output (the reference's, as it produced them), ``labels`` (N…, optional:
+  lets a check report top-1 accuracy too). Plain arrays only: loaded with ``allow_pickle=False``.
+  Sets written before named inputs (``lrdeploy.golden/1``) hold one unnamed ``inputs`` array; they still
+  load, as the input ``input`` (a one-input model takes it under its own name).
 - ``golden.json`` — the manifest::
 
-      {"schema": "lrdeploy.golden/1", "created", "lrdeploy_version", "command",
+      {"schema": "lrdeploy.golden/2", "created", "lrdeploy_version", "command",
        "dataset": {"name", "split", "samples": N, "selection": "first N test examples"},
        "precision": "fp16",                 # the preset a check applies unless told otherwise
        "tolerance": {...},                  # that preset's limits when the set was saved (for the record)
        "reference": {...artefact summary: name, source, model, method, params...},
-       "arrays": {"inputs": {"shape", "dtype", "sha256"}, "outputs/output": {...}, "labels": {...}},
+       "arrays": {"inputs/input": {"shape", "dtype", "sha256"}, "outputs/output": {...}, "labels": {...}},
        "files": {"golden.npz": sha256 of the file}}
 
 Each array's sha256 covers its dtype, shape and C-order bytes; the file's sha256 is checked first. A golden
@@ -43,7 +45,9 @@ from .parity import Tolerance, accuracy, get_tolerance, judge, output_parity, ru
 from .report import command_line
 from .runtimes.base import Runtime
 
-GOLDEN_SCHEMA = "lrdeploy.golden/1"
+GOLDEN_SCHEMA = "lrdeploy.golden/2"
+READABLE_SCHEMAS = ("lrdeploy.golden/1", GOLDEN_SCHEMA)
+LEGACY_INPUT = "input"  # the name a /1 set's unnamed inputs are read under
 ARRAYS_FILE = "golden.npz"
 MANIFEST_FILE = "golden.json"
 GOLDEN_FILES = frozenset({ARRAYS_FILE, MANIFEST_FILE})
@@ -68,7 +72,7 @@ class Golden:
     """A loaded, verified golden set."""
 
     path: Path
-    inputs: np.ndarray
+    inputs: dict[str, np.ndarray]  # input name -> N × sample shape
     outputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -79,7 +83,7 @@ class Golden:
 
     @property
     def samples(self) -> int:
-        return int(self.inputs.shape[0])
+        return int(next(iter(self.inputs.values())).shape[0])
 
 
 def is_golden_dir(path: Path) -> bool:
@@ -98,7 +102,7 @@ def check_destination(out: str | Path, force: bool = False) -> None:
 
 def save_golden(
     out_dir: str | Path,
-    inputs: Any,
+    inputs: Mapping[str, Any] | Any,
     outputs: Mapping[str, Any] | Any,
     *,
     labels: Any = None,
@@ -109,23 +113,28 @@ def save_golden(
 ) -> Path:
     """Write a golden set to ``out_dir`` (see the module docstring); returns the directory.
 
-    ``outputs`` is one array (stored as ``output``) or ``{name: array}``; every array's first axis is the
-    sample axis and must match ``inputs``.
+    ``inputs`` is ``{name: array}`` (the model's named inputs) or one array (stored as ``input``);
+    ``outputs`` is ``{name: array}`` or one array (stored as ``output``). Every array's first axis is the
+    sample axis and must agree across inputs, outputs and labels.
     """
     from lrdeploy import __version__
 
     out = Path(out_dir)
     check_destination(out, force)
     tol = get_tolerance(precision)
-    x = np.ascontiguousarray(np.asarray(inputs))
+    ins = dict(inputs) if isinstance(inputs, Mapping) else {LEGACY_INPUT: inputs}
     outs = dict(outputs) if isinstance(outputs, Mapping) else {"output": outputs}
-    arrays: dict[str, np.ndarray] = {"inputs": x}
-    for name, y in outs.items():
-        if not name or "/" in name:
-            raise UserError(f"output name {name!r} cannot be stored in a golden set")
-        arrays[f"outputs/{name}"] = np.ascontiguousarray(np.asarray(y))
+    if not ins:
+        raise UserError("a golden set needs at least one input")
+    arrays: dict[str, np.ndarray] = {}
+    for kind, named in (("inputs", ins), ("outputs", outs)):
+        for name, a in named.items():
+            if not name or "/" in name:
+                raise UserError(f"{kind[:-1]} name {name!r} cannot be stored in a golden set")
+            arrays[f"{kind}/{name}"] = np.ascontiguousarray(np.asarray(a))
     if labels is not None:
         arrays["labels"] = np.ascontiguousarray(np.asarray(labels))
+    x = next(iter(arrays.values()))
     if x.ndim == 0 or x.shape[0] == 0:
         raise UserError("a golden set needs at least one input sample")
     for name, a in arrays.items():
@@ -140,6 +149,9 @@ def save_golden(
         if a.ndim == 0 or a.shape[0] != x.shape[0]:
             raise UserError(f"golden array {name} has {a.shape[0] if a.ndim else 0} samples, inputs have "
                             f"{x.shape[0]}")
+    for name, a in arrays.items():
+        if name.startswith("inputs/") and a.dtype.kind not in "fiub":
+            raise UserError(f"golden input {name.split('/', 1)[1]!r} has dtype {a.dtype}: not a model input")
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -175,7 +187,7 @@ def load_golden(path: str | Path) -> Golden:
     if not manifest_path.is_file() or not arrays_path.is_file():
         raise UserError(f"{root} is not a golden set (needs {MANIFEST_FILE} and {ARRAYS_FILE})")
     manifest = read_json_file(manifest_path, GOLDEN_HINT, invalid="is not readable JSON")
-    if not isinstance(manifest, dict) or manifest.get("schema") != GOLDEN_SCHEMA:
+    if not isinstance(manifest, dict) or manifest.get("schema") not in READABLE_SCHEMAS:
         found = manifest.get("schema") if isinstance(manifest, dict) else None
         found = found[:60] if isinstance(found, str) else None
         raise UserError(f"{manifest_path} is not a {GOLDEN_SCHEMA} manifest (schema {found!r})")
@@ -200,10 +212,13 @@ def load_golden(path: str | Path) -> Golden:
             raise UserError(f"golden set {root}: array {name} checksum mismatch (altered)",
                             "regenerate it with --save-golden")
     outputs = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("outputs/")}
-    if "inputs" not in arrays or not outputs:
+    inputs = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("inputs/")}
+    if "inputs" in arrays:  # lrdeploy.golden/1: one unnamed input
+        inputs = {LEGACY_INPUT: arrays["inputs"], **inputs}
+    if not inputs or not outputs:
         raise UserError(f"golden set {root} holds no inputs or no outputs")
     get_tolerance(manifest.get("precision") or "fp32")  # an unknown preset is reported now, not mid-check
-    return Golden(root, arrays["inputs"], outputs, arrays.get("labels"), manifest)
+    return Golden(root, inputs, outputs, arrays.get("labels"), manifest)
 
 
 MAX_UNPACKED_BYTES = 4 << 30  # a golden set holds a few hundred samples: MBs, not GBs
@@ -243,39 +258,65 @@ def check_golden(
     batch_size: int = 256,
     candidate: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run ``golden.inputs`` through ``runtime`` and judge its output against the golden one.
+    """Run ``golden.inputs`` (named) through ``runtime`` and judge every golden output against the
+    candidate's output of the same name.
 
     Returns ``{"schema": "lrdeploy.check/1", "golden": {...}, "candidate": {...}, "precision", "outputs":
-    {name: parity + verdict}, "accuracy": {...} | absent, "failures": [...], "passed"}``. The runtime gives
-    one output (the first), compared with the first golden output.
+    {name: parity + verdict}, "accuracy": {...} | absent, "failures": [...], "passed"}``. A golden output
+    the candidate does not produce is a failure; a set with one output judges a one-output candidate
+    whatever its output is called (``matched_by``: "position"); outputs the golden set does not hold are
+    listed under ``unchecked_outputs``.
     """
     tol = get_tolerance(precision if precision is not None else golden.precision)
-    name, ref = next(iter(golden.outputs.items()))
-    _check_reference_finite(golden, name, ref)  # before running the candidate: nothing could pass against it
-    x = golden.inputs
-    out = run_batched(runtime, x, batch_size)
-    parity = judge(output_parity(ref, out), tol)  # NaN/Inf in the candidate: a named failure (parity_stats)
-    failures = [f"{name}: {f}" for f in parity["failures"]]
+    for name, ref in golden.outputs.items():  # before running the candidate: nothing could pass against them
+        _check_reference_finite(golden, name, ref)
+    outs = run_batched(runtime, golden.inputs, batch_size)
+    pairs = _pair_outputs(golden.outputs, outs)
+    results: dict[str, Any] = {}
+    failures: list[str] = []
+    for name, ref in golden.outputs.items():
+        got = pairs.get(name)
+        if got is None:
+            results[name] = {"failures": [f"the candidate has no output {name!r}"], "passed": False}
+            failures.append(f"{name}: missing from the candidate (outputs: {', '.join(outs)})")
+            continue
+        parity = judge(output_parity(ref, got[1]), tol)  # NaN/Inf in the candidate: a named failure
+        if got[0] != name:
+            parity["matched_by"] = f"position (candidate output {got[0]!r})"
+        results[name] = parity
+        failures += [f"{name}: {f}" for f in parity["failures"]]
     result: dict[str, Any] = {
         "schema": "lrdeploy.check/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
         "golden": {"path": str(golden.path), "dataset": golden.manifest.get("dataset"),
                    "reference": golden.manifest.get("reference"), "saved_precision": golden.precision,
-                   "created": golden.manifest.get("created")},
+                   "created": golden.manifest.get("created"),
+                   "inputs": {k: list(v.shape) for k, v in golden.inputs.items()}},
         "candidate": dict(candidate or {}),
         "precision": tol.precision,
-        "outputs": {name: parity},
+        "outputs": results,
     }
-    if len(golden.outputs) > 1:
-        result["unchecked_outputs"] = sorted(golden.outputs)[1:]
-    labels = golden.labels
-    if labels is not None and ref.ndim == 2 and labels.ndim == 1:
+    unchecked = sorted(set(outs) - {g[0] for g in pairs.values()})
+    if unchecked:
+        result["unchecked_outputs"] = unchecked
+    labels, (first, ref) = golden.labels, next(iter(golden.outputs.items()))
+    if labels is not None and ref.ndim == 2 and labels.ndim == 1 and first in pairs:
         ds = golden.manifest.get("dataset") or {}
-        ref_acc, cand_acc = accuracy(ref, labels), accuracy(out, labels)
+        ref_acc, cand_acc = accuracy(ref, labels), accuracy(pairs[first][1], labels)
         result["accuracy"] = {"dataset": ds.get("name"), "split": ds.get("split"),
                               "samples": int(len(labels)), "reference": ref_acc, "candidate": cand_acc,
                               "delta": cand_acc - ref_acc}
     result["failures"] = failures
     result["passed"] = not failures
     return result
+
+
+def _pair_outputs(golden: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray]
+                  ) -> dict[str, tuple[str, np.ndarray]]:
+    """golden output name -> (candidate output name, its values): by name, or by position when both sides
+    have one output (an export that renamed it judges the same tensor)."""
+    if len(golden) == 1 and len(outs) == 1:
+        (name,), (cand_name, values) = golden, next(iter(outs.items()))
+        return {name: (cand_name, values)}
+    return {name: (name, outs[name]) for name in golden if name in outs}

@@ -132,14 +132,17 @@ def profile_onnx(
 ) -> dict[str, Any]:
     """Run ``path`` ``warmup_runs + runs`` times under ORT's profiler at ``batch_size``; aggregate the trace.
 
-    ``input_shape`` is one sample without the batch dimension; ``providers`` as for ``InferenceSession``
-    (names or ``(name, options)``). The session is made like the runtimes' (``ort_session.session_options``,
-    and ``make_session``'s check that the first provider is really in use). The trace file is written to a
-    temporary directory and removed. Returns ``parse_ort_profile``'s dict plus what was profiled.
-    ``feeds`` (input name → array, already at ``batch_size``) replaces the random input, e.g. for a model
-    with several inputs or integer token ids.
+    ``feeds`` (input name → array, already at ``batch_size``: the task's real inputs, any number of them)
+    are what is run; without them, synthetic inputs from the graph's input metadata
+    (:func:`lrdeploy.serving.feeds.synthetic_feeds`; ``input_shape``, one sample without the batch
+    dimension, overrides a one-input graph's declared shape; empty: the declared one). ``providers`` as for
+    ``InferenceSession`` (names or ``(name, options)``). The session is made like the runtimes'
+    (``ort_session.session_options``, and ``make_session``'s check that the first provider is really in
+    use). The trace file is written to a temporary directory and removed. Returns ``parse_ort_profile``'s
+    dict plus what was profiled.
     """
-    from .runtimes.ort_session import CPU_PROVIDER, make_session, session_io, session_options
+    from .feeds import synthetic_feeds
+    from .runtimes.ort_session import CPU_PROVIDER, host_feeds, make_session, session_io, session_options
 
     if runs < 1 or warmup_runs < 0:
         raise UserError(f"profiling needs runs >= 1 and warmup_runs >= 0 (got {runs}, {warmup_runs})")
@@ -149,14 +152,13 @@ def profile_onnx(
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort-profile")
         session = make_session(path, list(providers), sess_options=options)  # UserError if ORT is missing
-        io = session_io(session, path, multi_input=feeds is not None)
+        io = session_io(session)
         if feeds is None:
-            x = np.random.default_rng(seed).standard_normal((batch_size, *input_shape)).astype(io.input_dtype)
-            feed = {io.input_name: x}
-        else:
-            feed = dict(feeds)
+            shape = list(input_shape) if len(input_shape) else None
+            feeds = synthetic_feeds(io.inputs, seed=seed, sample_shape=shape)(batch_size)
+        feed = host_feeds(io, feeds, path.name)
         for _ in range(warmup_runs + runs):
-            session.run([io.output_name], feed)
+            session.run(io.output_names, feed)
         trace = json.loads(Path(session.end_profiling()).read_text())
     import onnxruntime as ort  # installed: make_session succeeded
 

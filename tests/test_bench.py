@@ -24,6 +24,7 @@ from lrdeploy.serving.bench import (
     is_stable,
     window_spread,
 )
+from lrdeploy.serving.runtimes import IOInfo
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 
 
@@ -43,12 +44,19 @@ class FakeRuntime:
         self.name, self.clock, self.durations, self.log = name, clock, durations, log
         self.calls = 0
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def inputs(self) -> list[IOInfo]:
+        return [IOInfo("x", np.dtype(np.float32), ("batch", None))]
+
+    def outputs(self) -> list[IOInfo]:
+        return [IOInfo("y", np.dtype(np.float32), ("batch", None))]
+
+    def run(self, feeds: dict) -> dict:
+        x = feeds["x"]
         d = self.durations(self.calls) if callable(self.durations) else self.durations[self.calls]
         self.calls += 1
         self.clock.t += d
         self.log.append((self.name, len(x)))
-        return x
+        return {"y": x}
 
     def describe(self) -> dict:
         return {"backend": "fake", "device": "cpu", "providers": ["fake"], "threads": 1, "version": "0"}
@@ -382,8 +390,8 @@ def test_device_runtimes_get_their_input_staged_before_warm_up():
     clock, log = FakeClock(), []
 
     class Staged(FakeRuntime):
-        def stage(self, x: np.ndarray) -> None:
-            self.log.append((f"stage:{self.name}", len(x)))
+        def stage(self, feeds: dict) -> None:
+            self.log.append((f"stage:{self.name}", len(feeds["x"])))
 
     rts = {"a": Staged("a", clock, _const(1 / 256), log), "b": FakeRuntime("b", clock, _const(1 / 256), log)}
     benchmark(rts, (1,), batch_sizes=(1, 2), min_runs=2, rounds=1, clock=clock, **QUICK)
@@ -409,3 +417,73 @@ def test_gpu_info(monkeypatch):
     else:  # pragma: no cover - GPU machines
         assert info["devices"] and info["devices"][0]["name"]
     assert "gpu" in capture_environment()
+
+
+class _Pair(FakeRuntime):
+    """Two named inputs (token ids + mask); records the very arrays it was handed."""
+
+    def __init__(self, *args, names=("ids", "mask"), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.names, self.seen = names, []
+
+    def inputs(self) -> list[IOInfo]:
+        return [IOInfo(n, np.dtype(np.int64), ("batch", "seq")) for n in self.names]
+
+    def run(self, feeds: dict) -> dict:
+        self.seen.append(feeds)
+        return super().run({"x": feeds[self.names[0]]})
+
+
+def test_feeds_builder_gives_each_batch_its_named_inputs_once_for_every_runtime():
+    clock, log = FakeClock(), []
+    built = []
+
+    def feeds_for(batch):
+        built.append(batch)
+        ids = np.arange(batch * 3, dtype=np.int64).reshape(batch, 3)
+        return {"ids": ids, "mask": np.ones_like(ids)}
+
+    rts = {"a": _Pair("a", clock, _const(1 / 256), log), "b": _Pair("b", clock, _const(1 / 256), log)}
+    res = benchmark(rts, feeds_for, batch_sizes=(1, 4), min_runs=2, rounds=3, clock=clock, **QUICK)
+    assert built == [1, 4]  # built once per batch size, outside the timing
+    for rt in rts.values():
+        at4 = [f for f in rt.seen if len(f["ids"]) == 4]
+        assert at4 and all(f["ids"] is at4[0]["ids"] for f in at4)  # the same arrays on every call
+        assert set(at4[0]) == {"ids", "mask"}
+    assert rts["a"].seen[-1]["ids"] is rts["b"].seen[-1]["ids"]  # both models time the same inputs
+    assert res.settings["inputs"]["4"] == {"ids": {"shape": [4, 3], "dtype": "int64"},
+                                           "mask": {"shape": [4, 3], "dtype": "int64"}}
+    assert res.settings["input_shape"] is None  # several inputs: no single sample shape
+
+
+def test_feeds_that_do_not_match_a_runtimes_inputs_are_refused_before_timing():
+    clock, log = FakeClock(), []
+    rts = {"a": _Pair("a", clock, _const(1 / 256), log),
+           "b": _Pair("b", clock, _const(1 / 256), log, names=("input_ids", "attention_mask"))}
+    with pytest.raises(UserError, match="b takes inputs input_ids, attention_mask; got ids, mask"):
+        benchmark(rts, lambda b: {"ids": np.zeros((b, 2), np.int64), "mask": np.ones((b, 2), np.int64)},
+                  batch_sizes=(1,), min_runs=2, rounds=1, clock=clock, **QUICK)
+    assert log == []  # nothing ran
+
+
+def test_synthetic_feeds_follow_the_input_metadata():
+    from lrdeploy.serving.feeds import DEFAULT_LENGTH, synthetic_feeds
+
+    inputs = [IOInfo("input_ids", np.dtype(np.int64), ("batch", "sequence")),
+              IOInfo("attention_mask", np.dtype(np.int64), ("batch", "sequence")),
+              IOInfo("pixels", np.dtype(np.float32), ("batch", 3, None))]
+    feeds = synthetic_feeds(inputs, seed=1)(4)
+    assert feeds["input_ids"].shape == feeds["attention_mask"].shape == (4, DEFAULT_LENGTH)
+    ids = feeds["input_ids"]
+    assert ids.dtype == np.int64 and 0 <= ids.min() <= ids.max() < 100 and len(np.unique(ids)) > 1
+    assert (feeds["attention_mask"] == 1).all()  # a mask masks nothing out
+    assert feeds["pixels"].shape == (4, 3, DEFAULT_LENGTH) and feeds["pixels"].dtype == np.float32
+    again = synthetic_feeds(inputs, seed=1, sizes={"sequence": 7})(4)
+    assert again["input_ids"].shape == (4, 7)
+    np.testing.assert_array_equal(synthetic_feeds(inputs, seed=1)(4)["pixels"], feeds["pixels"])  # seeded
+    with pytest.raises(UserError, match="takes 3 inputs"):
+        synthetic_feeds(inputs, sample_shape=(3,))
+    with pytest.raises(UserError, match="does not declare its shape"):
+        synthetic_feeds([IOInfo("input", np.dtype(np.float32), None)])
+    plain = [IOInfo("input", np.dtype(np.float32), None)]
+    assert synthetic_feeds(plain, sample_shape=(2, 5))(3)["input"].shape == (3, 2, 5)

@@ -109,10 +109,13 @@ def test_train_compress_export_compare(pipeline, data_dir):
     assert r.exit_code == 0, r.output
     report = json.loads(report_path.read_text())
     assert report["schema"] == "lrdeploy.compare/1"
-    acc = report["accuracy"]
-    assert acc["samples"] == 1000
-    assert 0.5 < acc["reference"] <= 1.0  # chance is 0.10
-    assert 0.5 < acc["candidate"] <= 1.0
+    task = report["task"]
+    assert task["task"] == "classification" and task["samples"] == 1000 and task["dataset"] == "mnist"
+    assert 0.5 < task["reference"]["accuracy"] <= 1.0  # chance is 0.10
+    assert 0.5 < task["candidate"]["accuracy"] <= 1.0
+    delta = task["candidate"]["accuracy"] - task["reference"]["accuracy"]
+    assert task["headline"]["key"] == "accuracy" and task["headline"]["delta"] == pytest.approx(delta)
+    assert report["accuracy"]["candidate"] == task["candidate"]["accuracy"]  # the alias older readers use
     assert report["candidate"]["params"] < report["reference"]["params"]
     assert report["ratios"]["params"] > 1.0
     assert report["ratios"]["flops"] and report["ratios"]["flops"] > 1.0

@@ -106,11 +106,16 @@ class _Runtime:
     def __init__(self, name: str, clock: _Clock, fast: float, slow: float) -> None:
         self.name, self.clock, self.fast, self.slow, self.calls = name, clock, fast, slow, 0
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def inputs(self) -> list:
+        from lrdeploy.serving.runtimes import IOInfo
+
+        return [IOInfo("x", np.dtype(np.float32), None)]
+
+    def run(self, feeds: dict) -> dict:
         # call 0 is the warm-up; then blocks of 10: calls 1..9 fast, call 10 slow, ...
         self.clock.t += self.slow if self.calls > 0 and self.calls % 10 == 0 else self.fast
         self.calls += 1
-        return x
+        return {"y": feeds["x"]}
 
     def describe(self) -> dict:
         return {"backend": "fake", "threads": 1}

@@ -25,6 +25,7 @@ from lrdeploy.serving.golden import (
     load_golden,
     save_golden,
 )
+from lrdeploy.serving.runtimes import IOInfo
 
 runner = CliRunner()
 
@@ -41,12 +42,18 @@ class _Linear:
 
     name = "linear"
 
-    def __init__(self, w: np.ndarray, noise: float = 0.0) -> None:
-        self.w, self.noise = w, noise
+    def __init__(self, w: np.ndarray, noise: float = 0.0, output: str = "logits") -> None:
+        self.w, self.noise, self.output = w, noise, output
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        y = x @ self.w
-        return y * (1 + self.noise) if self.noise else y
+    def inputs(self) -> list[IOInfo]:
+        return [IOInfo("x", np.dtype(np.float32), ("batch", self.w.shape[0]))]
+
+    def outputs(self) -> list[IOInfo]:
+        return [IOInfo(self.output, np.dtype(np.float32), ("batch", self.w.shape[1]))]
+
+    def run(self, feeds: dict) -> dict:
+        y = feeds["x"] @ self.w
+        return {self.output: y * (1 + self.noise) if self.noise else y}
 
     def describe(self) -> dict:
         return {"backend": "numpy"}
@@ -54,7 +61,7 @@ class _Linear:
 
 def test_round_trip_and_manifest(tmp_path):
     x, w, y, labels = _arrays()
-    out = save_golden(tmp_path / "g", x, {"logits": y}, labels=labels,
+    out = save_golden(tmp_path / "g", {"x": x}, {"logits": y}, labels=labels,
                       dataset={"name": "toy", "split": "test"}, precision="fp16",
                       reference={"name": "dense", "params": 30})
     assert sorted(p.name for p in out.iterdir()) == sorted([ARRAYS_FILE, MANIFEST_FILE])
@@ -63,10 +70,11 @@ def test_round_trip_and_manifest(tmp_path):
     assert manifest["schema"] == GOLDEN_SCHEMA
     assert manifest["dataset"] == {"name": "toy", "split": "test", "samples": 40}
     assert manifest["precision"] == "fp16" and manifest["tolerance"]["rel_l2"] == 5e-3
-    assert manifest["arrays"]["inputs"] == {"shape": [40, 3], "dtype": "<f4", "sha256": array_sha256(x)}
-    assert set(manifest["arrays"]) == {"inputs", "outputs/logits", "labels"}
+    assert manifest["arrays"]["inputs/x"] == {"shape": [40, 3], "dtype": "<f4", "sha256": array_sha256(x)}
+    assert set(manifest["arrays"]) == {"inputs/x", "outputs/logits", "labels"}
     g = load_golden(out)
-    np.testing.assert_array_equal(g.inputs, x)
+    assert list(g.inputs) == ["x"]
+    np.testing.assert_array_equal(g.inputs["x"], x)
     np.testing.assert_array_equal(g.outputs["logits"], y)
     np.testing.assert_array_equal(g.labels, labels)
     assert g.precision == "fp16" and g.samples == 40 and g.manifest["reference"]["name"] == "dense"
@@ -92,7 +100,7 @@ def test_tampered_golden_is_refused(tmp_path):
     # arrays swapped for others, file hash updated to match: the per-array hashes still catch it
     g2 = save_golden(tmp_path / "g2", x, y, labels=labels)
     buf = io.BytesIO()
-    np.savez(buf, **{"inputs": x, "outputs/output": y * 1.01, "labels": labels})
+    np.savez(buf, **{"inputs/input": x, "outputs/output": y * 1.01, "labels": labels})
     (g2 / ARRAYS_FILE).write_bytes(buf.getvalue())
     manifest = json.loads((g2 / MANIFEST_FILE).read_text())
     manifest["files"][ARRAYS_FILE] = hashlib.sha256(buf.getvalue()).hexdigest()
@@ -157,6 +165,67 @@ def test_check_golden_fails_nan_candidates_by_name_and_refuses_a_nan_reference(t
         check_golden(bad, _Linear(w))
 
 
+class _Pooler:
+    """Two named inputs (ids, mask) → two named outputs, like a small encoder."""
+
+    name = "pooler"
+
+    def __init__(self, table: np.ndarray, drop: str | None = None) -> None:
+        self.table, self.drop = table, drop
+
+    def inputs(self) -> list[IOInfo]:
+        return [IOInfo("input_ids", np.dtype(np.int64), ("batch", "seq")),
+                IOInfo("attention_mask", np.dtype(np.int64), ("batch", "seq"))]
+
+    def outputs(self) -> list[IOInfo]:
+        return [IOInfo(n, np.dtype(np.float32), None) for n in ("pooled", "tokens") if n != self.drop]
+
+    def run(self, feeds: dict) -> dict:
+        tokens = self.table[feeds["input_ids"]] * feeds["attention_mask"][..., None]
+        out = {"pooled": tokens.sum(1) / feeds["attention_mask"].sum(1, keepdims=True), "tokens": tokens}
+        return {k: v for k, v in out.items() if k != self.drop}
+
+
+def test_named_inputs_and_outputs_round_trip_and_every_output_is_checked(tmp_path):
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((20, 4)).astype(np.float32)
+    ids = rng.integers(0, 20, (12, 6)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[:, 4:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    ref = _Pooler(table).run(feeds)
+    g = load_golden(save_golden(tmp_path / "g", feeds, ref, precision="fp32"))
+    assert list(g.inputs) == ["input_ids", "attention_mask"] and g.inputs["input_ids"].dtype == np.int64
+    ok = check_golden(g, _Pooler(table), batch_size=5)
+    assert ok["passed"] and set(ok["outputs"]) == {"pooled", "tokens"}
+    assert ok["golden"]["inputs"] == {"input_ids": [12, 6], "attention_mask": [12, 6]}
+    off = check_golden(g, _Pooler(table * 1.01))
+    assert not off["passed"] and {f.split(":")[0] for f in off["failures"]} == {"pooled", "tokens"}
+    missing = check_golden(g, _Pooler(table, drop="tokens"))
+    assert not missing["passed"]
+    assert missing["failures"] == ["tokens: missing from the candidate (outputs: pooled)"]
+
+
+def test_a_golden_set_written_before_named_inputs_still_loads_and_checks(tmp_path):
+    """lrdeploy.golden/1: one unnamed 'inputs' array; read as the input 'input', fed to a one-input model."""
+    x, w, y, labels = _arrays()
+    root = tmp_path / "old"
+    root.mkdir()
+    arrays = {"inputs": x, "outputs/output": y, "labels": labels}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (root / ARRAYS_FILE).write_bytes(buf.getvalue())
+    manifest = {"schema": "lrdeploy.golden/1", "precision": "fp32", "dataset": {"samples": len(x)},
+                "arrays": {k: {"shape": list(a.shape), "dtype": a.dtype.str, "sha256": array_sha256(a)}
+                           for k, a in arrays.items()},
+                "files": {ARRAYS_FILE: hashlib.sha256(buf.getvalue()).hexdigest()}}
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    g = load_golden(root)
+    assert list(g.inputs) == ["input"] and g.samples == len(x)
+    res = check_golden(g, _Linear(w))  # its output is called logits: one output each, judged by position
+    assert res["passed"] and res["outputs"]["output"]["matched_by"] == "position (candidate output 'logits')"
+
+
 # --- the CLI path ------------------------------------------------------------------------------------------
 
 
@@ -189,7 +258,8 @@ def test_compare_precision_golden_and_check(models, data_dir, tmp_path):
     assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     g = load_golden(golden)
     assert g.samples == 200 and g.precision == "fp16" and g.manifest["dataset"]["name"] == "mnist"
-    assert g.inputs.shape == (200, 1, 28, 28) and g.labels.shape == (200,)
+    assert {k: v.shape for k, v in g.inputs.items()} == {"input": (200, 1, 28, 28)}
+    assert g.labels.shape == (200,)
 
     r = runner.invoke(app, ["check", str(models["fp16"]), "--golden", str(golden), "--json",
                             str(tmp_path / "check.json")], catch_exceptions=False)

@@ -127,7 +127,7 @@ def test_folded_dense_counts_the_dense_layers(factored, lenet_dense, tmp_path):
     assert lowrank.params == load_bundle(bundle_path).manifest["params"] < folded.params
     assert lowrank.flops < folded.flops
     # the file's manifest is the factorised bundle's: a report keeps it only as the trained structure
-    from lrdeploy.comparison import resolve_artifact
+    from lrdeploy.artifacts import resolve_artifact
 
     art = resolve_artifact("candidate", dense_path, tmp_path)
     summary = art.summary()
@@ -138,7 +138,7 @@ def test_folded_dense_counts_the_dense_layers(factored, lenet_dense, tmp_path):
 
 def test_report_shows_deployed_figures_and_trained_structure_where_it_differs(factored, lenet_dense,
                                                                                tmp_path):
-    from lrdeploy.comparison import resolve_artifact
+    from lrdeploy.artifacts import resolve_artifact
     from lrdeploy.serving.report import render_markdown
 
     factored_path, dense_path = factored["lenet5"][1], lenet_dense

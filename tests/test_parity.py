@@ -31,6 +31,7 @@ from lrdeploy.serving.parity import (
     top1_agreement,
     topk_agreement,
 )
+from lrdeploy.serving.runtimes import IOInfo
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 
 
@@ -123,14 +124,18 @@ def test_check_tolerance_presets():
 class _Recorder:
     """A plain runtime (doubles its input) that records the batch sizes it was given."""
 
+    def inputs(self) -> list:
+        return [IOInfo("x", np.dtype(np.float32), None), IOInfo("n", np.dtype(np.int64), None)]
+
     name = "recorder"
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, feeds: dict) -> dict:
+        x = feeds["x"]
         self.sizes.append(len(x))
-        return 2 * x
+        return {"y": 2 * x, "n": feeds["n"] + 1}
 
     def describe(self) -> dict:
         return {"backend": "numpy"}
@@ -138,14 +143,22 @@ class _Recorder:
 
 def test_run_batched_splits_and_stacks_in_order():
     x = np.arange(23 * 2, dtype=np.float32).reshape(23, 2)
+    n = np.arange(23)
     rt = _Recorder()
-    y = run_batched(rt, x, 10)
+    out = run_batched(rt, {"x": x, "n": n}, 10)
     assert rt.sizes == [10, 10, 3]
-    np.testing.assert_array_equal(y, 2 * x)
+    np.testing.assert_array_equal(out["y"], 2 * x)  # every named output, batches concatenated in order
+    np.testing.assert_array_equal(out["n"], n + 1)
     with pytest.raises(UserError):
-        run_batched(rt, x, 0)
-    with pytest.raises(UserError):
-        run_batched(rt, x[:0], 4)
+        run_batched(rt, {"x": x, "n": n}, 0)
+    with pytest.raises(UserError, match="no samples"):
+        run_batched(rt, {"x": x[:0], "n": n[:0]}, 4)
+    with pytest.raises(UserError, match="different numbers of samples"):
+        run_batched(rt, {"x": x, "n": n[:3]}, 4)
+    with pytest.raises(UserError, match="named inputs"):
+        run_batched(rt, x, 4)
+    with pytest.raises(UserError, match="takes inputs x, n; got x"):
+        run_batched(rt, {"x": x}, 4)
 
 
 def test_run_batched_through_ort(tmp_path):
@@ -158,7 +171,7 @@ def test_run_batched_through_ort(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     rt = OrtCpuRuntime(path, threads=1)
     x = np.random.default_rng(1).standard_normal((37, 5)).astype(np.float32)
-    y = run_batched(rt, x, 8)
+    y = run_batched(rt, {"x": x}, 8)["p"]
     e = np.exp(x - x.max(axis=1, keepdims=True))
     expected = e / e.sum(axis=1, keepdims=True)
     p = output_parity(expected, y)
@@ -290,7 +303,8 @@ def lenet_variants(tmp_path_factory, data_dir):
         "fp16-scale": to_fp16(fp32, root / "fp16-scale.onnx", fault="scale"),
     }
     x = load_dataset("mnist", "test", data_dir=data_dir, limit=500).x.numpy()
-    return {name: run_batched(OrtCpuRuntime(p, threads=1), x, 128) for name, p in paths.items()}
+    return {name: run_batched(OrtCpuRuntime(p, threads=1), {"input": x}, 128)["output"]
+            for name, p in paths.items()}
 
 
 def test_fp16_preset_accepts_a_correct_fp16_model(lenet_variants):
@@ -495,16 +509,18 @@ def test_export_of_a_nan_model_fails_and_writes_nothing(tmp_path):
 
 def test_compare_budget_names_nonfinite_candidate_and_refuses_a_nan_reference():
     from lrdeploy.comparison import check_reference_finite, evaluate_budget
+    from lrdeploy.tasks import BudgetSettings, get_task
 
+    task = get_task("classification")
     ref = np.random.default_rng(0).standard_normal((8, 10))
     cand = ref.copy()
     cand[:2] = np.nan
     parity = output_parity(ref, cand)
-    acc = {"reference": 0.9, "candidate": 0.9}  # arg-max over NaN scores still picks a class
-    budget = evaluate_budget(acc, parity, max_accuracy_drop=1.0, min_agreement=None)
+    same = {"accuracy": 0.9}  # arg-max over NaN scores still picks a class
+    budget = evaluate_budget(task, same, same, parity, BudgetSettings(max_drop=1.0))
     assert not budget["passed"] and budget["failures"] == ["candidate outputs contain 20 NaN values"]
-    nan_acc = evaluate_budget({"reference": 0.9, "candidate": math.nan}, output_parity(ref, ref), 1.0, None)
+    nan_acc = evaluate_budget(task, same, {"accuracy": math.nan}, output_parity(ref, ref), BudgetSettings())
     assert nan_acc["failures"] == ["accuracy drop (points) is NaN (not measurable; limit 1)"]
-    assert evaluate_budget(acc, output_parity(ref, ref), 1.0, None)["passed"]
+    assert evaluate_budget(task, same, same, output_parity(ref, ref), BudgetSettings())["passed"]
     with pytest.raises(UserError, match="reference .* outputs contain 20 NaN values"):
         check_reference_finite(output_parity(cand, ref))

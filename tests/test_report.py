@@ -132,9 +132,15 @@ class _Timed:
     def __init__(self, name: str, clock: _Clock, seconds: float) -> None:
         self.name, self.clock, self.seconds = name, clock, seconds
 
-    def run(self, x):
+    def inputs(self) -> list:
+        from lrdeploy.serving.runtimes import IOInfo
+
+        return [IOInfo("x", np.dtype(np.float32), None)]
+
+    def run(self, feeds):
+        x = feeds["x"]
         self.clock.t += self.seconds * len(x)
-        return x
+        return {"y": x}
 
     def describe(self) -> dict:
         return {"backend": "fake", "threads": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lrdeploy.errors import UserError
 from lrdeploy.serving.parity import output_parity
-from lrdeploy.serving.runtimes import RUNTIME_KINDS, Runtime, load_runtime
+from lrdeploy.serving.runtimes import IOInfo, Runtime, load_runtime, run_single, runtime_kinds
 from lrdeploy.serving.runtimes.base import available_cpus, resolve_threads
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 from lrdeploy.serving.runtimes.torch_cpu import TorchRuntime
@@ -67,7 +68,9 @@ def _numpy_ref(x: np.ndarray) -> np.ndarray:
 def test_ort_matches_numpy_at_dynamic_batch(gemm_onnx, batch):
     rt = OrtCpuRuntime(gemm_onnx, threads=1)
     x = RNG.standard_normal((batch, 6)).astype(np.float32)
-    y = rt.run(x)
+    out = rt.run({"pixels": x})
+    assert list(out) == ["logits"]
+    y = out["logits"]
     assert y.shape == (batch, 4) and y.dtype == np.float32
     np.testing.assert_allclose(y, _numpy_ref(x), rtol=1e-5, atol=1e-6)
 
@@ -76,13 +79,16 @@ def test_ort_discovers_input_name_and_describes_what_is_in_use(gemm_onnx):
     rt = OrtCpuRuntime(gemm_onnx, threads=2, name="dense")
     assert isinstance(rt, Runtime)
     assert rt.name == "dense"
-    assert rt.input_name == "pixels" and rt.output_name == "logits"
+    assert rt.inputs() == [IOInfo("pixels", np.dtype(np.float32), ("batch", 6))]
+    assert rt.outputs() == [IOInfo("logits", np.dtype(np.float32), ("batch", 4))]
     d = rt.describe()
     assert d["backend"] == "onnxruntime" and d["device"] == "cpu"
     assert d["providers"] == rt.session.get_providers() == ["CPUExecutionProvider"]
     assert d["threads"] == 2 and d["inter_op_threads"] == 1
     assert d["version"] == ort.__version__
-    assert d["input"]["shape"] == ["batch", 6]
+    assert d["inputs"] == [{"name": "pixels", "dtype": "float32", "shape": ["batch", 6],
+                            "type": "tensor(float)"}]
+    assert [o["name"] for o in d["outputs"]] == ["logits"]
 
 
 def test_ort_session_options_are_pinned(gemm_onnx):
@@ -101,7 +107,7 @@ def test_ort_default_threads_is_available_cpus(gemm_onnx):
 def test_ort_converts_float64_input(gemm_onnx):
     rt = OrtCpuRuntime(gemm_onnx, threads=1)
     x = RNG.standard_normal((2, 6))
-    np.testing.assert_allclose(rt.run(x), _numpy_ref(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run_single(rt, x), _numpy_ref(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.1])
@@ -129,8 +135,8 @@ def test_missing_file_is_a_user_error(tmp_path):
         OrtCpuRuntime(tmp_path / "nope.onnx")
 
 
-def test_multi_input_model_takes_a_dict_or_tuple(tmp_path):
-    """ORT CPU feeds several inputs (translation: src, tgt_in) by name or in order; one array is refused."""
+def test_multi_input_model_takes_named_inputs(tmp_path):
+    """Several inputs (translation: src, tgt_in) are fed by name; anything else is refused in one line."""
     graph = helper.make_graph(
         [helper.make_node("Sub", ["a", "b"], ["c"])], "two",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "b")],
@@ -140,14 +146,16 @@ def test_multi_input_model_takes_a_dict_or_tuple(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     rt = OrtCpuRuntime(path, threads=1)
     a, b = np.array([3.0, 4.0]), np.array([1.0, 1.0])
-    assert rt.input_names == ("a", "b") and [i["name"] for i in rt.describe()["inputs"]] == ["a", "b"]
-    assert rt.run({"b": b, "a": a}).tolist() == [2.0, 3.0] == rt.run((a, b)).tolist()
-    with pytest.raises(UserError, match="2 inputs"):
+    assert [i.name for i in rt.inputs()] == ["a", "b"] == [i["name"] for i in rt.describe()["inputs"]]
+    assert rt.run({"b": b, "a": a})["c"].tolist() == [2.0, 3.0]
+    with pytest.raises(UserError, match="named inputs"):
         rt.run(a)
-    with pytest.raises(UserError, match="takes 2 inputs"):
-        rt.run((a,))
-    with pytest.raises(UserError, match="takes inputs a, b"):
+    with pytest.raises(UserError, match="2 inputs"):
+        run_single(rt, a)
+    with pytest.raises(UserError, match="takes inputs a, b; got a —"):
         rt.run({"a": a})
+    with pytest.raises(UserError, match="takes inputs a, b; got a, x"):
+        rt.run({"a": a, "x": b})
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
@@ -163,12 +171,12 @@ def test_torch_runtime_eval_inference_mode_threads():
     rt = TorchRuntime(module, threads=1)
     assert not module.training  # eval: dropout off, so two calls agree
     x = RNG.standard_normal((4, 6)).astype(np.float32)
-    y1, y2 = rt.run(x), rt.run(x)
+    y1, y2 = rt.run({"input": x})["output"], run_single(rt, x)
     np.testing.assert_array_equal(y1, y2)
     with torch.no_grad():
         np.testing.assert_allclose(y1, module(torch.from_numpy(x)).numpy(), rtol=1e-6)
     torch.set_num_threads(2)  # someone else changes the global; the runtime re-pins it
-    rt.run(x)
+    run_single(rt, x)
     assert torch.get_num_threads() == 1
     d = rt.describe()
     assert d["backend"] == "torch" and d["device"] == "cpu" and d["threads"] == 1
@@ -188,16 +196,18 @@ def test_exported_model_ort_matches_torch(exported):
     ort_rt = load_runtime("ort-cpu", path, threads=1)
     torch_rt = load_runtime("torch", module, threads=1)
     assert ort_rt.name == "ort-cpu" and torch_rt.name == "torch-cpu"
-    assert ort_rt.input_name == "features"
+    assert [i.name for i in ort_rt.inputs()] == ["features"]
+    assert [i.name for i in torch_rt.inputs()] == ["input"]
     x = RNG.standard_normal((7, 12)).astype(np.float32)
-    p = output_parity(torch_rt.run(x), ort_rt.run(x))
+    # a one-input model fed under another name takes the array as its input: the task's "input" for "features"
+    p = output_parity(torch_rt.run({"input": x})["output"], ort_rt.run({"input": x})["logits"])
     assert p["rel_l2"] < 1e-6 and p["top1_agreement"] == 1.0
 
 
-def test_load_runtime_unknown_kind():
+def test_load_runtime_unknown_kind_lists_the_registered_kinds():
     with pytest.raises(UserError, match="unknown runtime") as info:
         load_runtime("tensorrt-on-a-toaster", "x.onnx")
-    assert all(k in str(info.value) for k in RUNTIME_KINDS)
+    assert all(k in str(info.value) for k in runtime_kinds()) and "\n" not in str(info.value)
 
 
 def test_serving_does_not_import_training_code():
@@ -219,7 +229,7 @@ def test_serving_does_not_import_training_code():
 def test_wrong_input_shape_is_a_user_error(gemm_onnx):
     rt = OrtCpuRuntime(gemm_onnx, threads=1)
     with pytest.raises(UserError, match="rejected input") as info:
-        rt.run(np.zeros((2, 1, 6), dtype=np.float32))
+        run_single(rt, np.zeros((2, 1, 6), dtype=np.float32))
     assert "\n" not in str(info.value)
 
 
@@ -321,19 +331,20 @@ def test_io_binding_runtime_matches_plain_ort_on_the_cpu_provider(gemm_onnx, inc
                              include_transfer=include_transfer, name="bound")
     copied = []
     real_host = rt._host
-    monkeypatch.setattr(rt, "_host", lambda x: (copied.append(id(x)), real_host(x))[1])
+    monkeypatch.setattr(rt, "_host", lambda info, x: (copied.append(id(x)), real_host(info, x))[1])
     ref = OrtCpuRuntime(gemm_onnx, threads=1)
     x1 = RNG.standard_normal((3, 6)).astype(np.float32)
     x2 = RNG.standard_normal((5, 6)).astype(np.float32)
-    rt.stage(x1)  # untimed; a no-op when transfers are to be timed
-    y1, y1b, y2 = rt.run(x1), rt.run(x1), rt.run(x2)
+    f1, f2 = {"pixels": x1}, {"pixels": x2}
+    rt.stage(f1)  # untimed; a no-op when transfers are to be timed
+    y1, y1b, y2 = (rt.run(f)["logits"] for f in (f1, f1, f2))
     assert isinstance(y1, np.ndarray) == include_transfer
     assert isinstance(y1, DeviceOutput) != include_transfer
-    np.testing.assert_allclose(np.asarray(y1), ref.run(x1), rtol=1e-6)  # y1 still valid after later runs
-    np.testing.assert_allclose(np.asarray(y1b), ref.run(x1), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(y2), ref.run(x2), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y1), run_single(ref, x1), rtol=1e-6)  # still valid after later runs
+    np.testing.assert_allclose(np.asarray(y1b), run_single(ref, x1), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y2), run_single(ref, x2), rtol=1e-6)
     assert copied == ([id(x1), id(x1), id(x2)] if include_transfer else [id(x1), id(x2)])
-    np.testing.assert_allclose(np.asarray(rt.run(x1)), ref.run(x1), rtol=1e-6)  # x2 replaced the binding
+    np.testing.assert_allclose(np.asarray(run_single(rt, x1)), run_single(ref, x1), rtol=1e-6)  # x2 rebound
     d = rt.describe()
     assert d["io_binding"] and d["include_transfer"] == include_transfer
     assert d["providers"] == ["CPUExecutionProvider"] and d["device"] == "cpu"
@@ -342,9 +353,9 @@ def test_io_binding_runtime_matches_plain_ort_on_the_cpu_provider(gemm_onnx, inc
 def test_io_binding_runtime_wrong_shape_is_a_user_error(gemm_onnx):
     rt = OrtIoBindingRuntime(gemm_onnx, 1, provider="CPUExecutionProvider", device_type="cpu")
     with pytest.raises(UserError, match="rejected input"):
-        rt.run(np.zeros((2, 7), dtype=np.float32))
+        run_single(rt, np.zeros((2, 7), dtype=np.float32))
     x = np.ones((1, 6), dtype=np.float32)
-    np.testing.assert_allclose(np.asarray(rt.run(x)), _numpy_ref(x), rtol=1e-5)  # recovers
+    np.testing.assert_allclose(np.asarray(run_single(rt, x)), _numpy_ref(x), rtol=1e-5)  # recovers
 
 
 def test_device_output_converts_on_demand_and_refuses_when_stale():
@@ -377,12 +388,12 @@ def test_torch_include_transfer_decides_when_the_input_is_copied(include_transfe
     monkeypatch.setattr(rt, "_to_device", lambda x: (copies.append(id(x)), real(x))[1])
     x1 = RNG.standard_normal((4, 6)).astype(np.float32)
     x2 = RNG.standard_normal((4, 6)).astype(np.float32)
-    rt.stage(x1)  # what the bench does before warm-up; a no-op when transfers are timed
-    outs = [rt.run(x1) for _ in range(3)] + [rt.run(x2) for _ in range(2)]
+    rt.stage({"input": x1})  # what the bench does before warm-up; a no-op when transfers are timed
+    outs = [run_single(rt, x1) for _ in range(3)] + [run_single(rt, x2) for _ in range(2)]
     # staged x1 is placed once and reused; x2 was never staged, so every run copies it
     assert copies == ([id(x1)] * 3 if include_transfer else [id(x1)]) + [id(x2)] * 2
     if not include_transfer:
-        assert rt._staged_host is x1 and rt._staged.device == rt.device
+        assert rt._staged["input"][0] is x1 and rt._staged["input"][1].device == rt.device
     with torch.no_grad():
         np.testing.assert_allclose(outs[0], rt.module(torch.from_numpy(x1)).numpy(), rtol=1e-6)
         np.testing.assert_allclose(outs[-1], rt.module(torch.from_numpy(x2)).numpy(), rtol=1e-6)
@@ -397,12 +408,12 @@ def test_torch_runtime_describe_mode_dtype_and_memory():
     assert rt.module is not module  # moved to bfloat16 on a copy: the caller's module is untouched
     assert module.a.weight.dtype == torch.float32 and rt.module.a.weight.dtype == torch.bfloat16
     x = RNG.standard_normal((2, 6)).astype(np.float32)
-    y = rt.run(x)
+    y = run_single(rt, x)
     assert y.dtype == np.float32 and y.shape == (2, 3)  # bf16 comes back as float32 (numpy has no bf16)
     d = rt.describe()
     assert d["mode"] == "eager" and d["dtype"] == "bfloat16" and d["threads"] == 1
     assert d["providers"] == ["torch-eager-cpu"] and "gpu" not in d
-    m = rt.memory(x, runs=2)
+    m = rt.memory({"input": x}, runs=2)
     assert m["runs"] == 2 and m["rss_peak_delta_bytes"] >= 0 and m["cuda_peak_allocated_bytes"] is None
     assert rt.describe()["memory"] == m
 
@@ -412,7 +423,7 @@ def test_torch_runtime_keeps_integer_inputs():
     rt = TorchRuntime(emb, threads=1)
     ids = np.array([[1, 2, 3]], dtype=np.int64)
     with torch.no_grad():
-        np.testing.assert_allclose(rt.run(ids), emb(torch.from_numpy(ids)).numpy())
+        np.testing.assert_allclose(run_single(rt, ids), emb(torch.from_numpy(ids)).numpy())
 
 
 def _touch_fresh_pages(nbytes: int) -> None:
@@ -440,7 +451,7 @@ class _Allocates(torch.nn.Module):
 
 def test_measure_memory_sees_a_transient_peak():
     rt = TorchRuntime(_Allocates(), threads=1)
-    x = np.zeros((1, 1), dtype=np.float32)
+    x = {"input": np.zeros((1, 1), dtype=np.float32)}
     rt.run(x)
     m = rt.memory(x, runs=1)
     if m["rss_method"] == "VmHWM":
@@ -525,7 +536,8 @@ def test_torch_runtime_rejects_bad_settings(kwargs, match):
 
 # ------------------------------------------------------------------------------------------ load_runtime
 def test_runtime_kinds_and_aliases():
-    assert RUNTIME_KINDS == ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "trt")
+    assert set(runtime_kinds()) >= {"torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "trt"}
+    assert runtime_kinds("onnx") == ["ort-cpu", "ort-cuda"] and runtime_kinds("engine") == ["trt"]
     assert canonical_kind("TensorRT") == ("trt", None)
     assert canonical_kind("torch-cuda-graph") == ("torch-cuda", "cuda-graph")
     assert canonical_kind("torch") == ("torch-cpu", None)
@@ -544,8 +556,8 @@ def test_load_runtime_torch_cuda_without_a_gpu_says_so():
     ("ort-cpu", "m.onnx", {"mode": "eager"}, "applies to runtime torch-cuda only"),
     ("torch-cpu", None, {"mode": "cuda-graph"}, "applies to runtime torch-cuda only"),
     ("torch-cuda-graph", None, {"mode": "eager"}, "implies mode"),
-    ("torch-cuda", None, {"mode": "jit"}, "unknown torch mode"),
-    ("ort-cpu", "m.onnx", {"dtype": "float16"}, "torch runtimes only"),
+    ("torch-cuda", None, {"mode": "jit"}, "unknown torch-cuda mode"),
+    ("ort-cpu", "m.onnx", {"dtype": "float16"}, "runtimes that run a module"),
     ("torch-cpu", "model.onnx", {}, "takes an nn.Module"),
     ("ort-cpu", None, {}, "takes a path"),
     ("trt", None, {}, "takes a path"),
@@ -589,3 +601,142 @@ def test_trt_sidecar_is_read_and_a_bad_one_is_reported(tmp_path):
     (tmp_path / "model.plan.json").write_text("{not json")  # the more specific name wins
     meta, problem = read_sidecar(engine)
     assert meta is None and problem.startswith("model.plan.json")
+
+
+# ------------------------------------------------------------------------------ named inputs and outputs
+class _TwoInputs(torch.nn.Module):
+    """Token ids + an attention mask → (mean-pooled embedding, per-token scores): two inputs, two outputs."""
+
+    input_names = ("input_ids", "attention_mask")
+    output_names = ("pooled", "scores")
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask.unsqueeze(-1).to(torch.float32)
+        pooled = h.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+        return pooled, self.proj(h)
+
+    def example_inputs(self, batch_size, seq_len=5, generator=None):
+        ids = torch.randint(0, 50, (batch_size, seq_len), generator=generator)
+        return ids, torch.ones_like(ids)
+
+    def dynamic_axes(self):
+        return {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                "scores": {0: "batch", 1: "seq"}}
+
+
+@pytest.fixture(scope="module")
+def two_inputs(tmp_path_factory):
+    torch.manual_seed(0)
+    module = _TwoInputs().eval()
+    path = tmp_path_factory.mktemp("two") / "two.onnx"
+    with warnings.catch_warnings():  # the TorchScript exporter: fast, and enough for a two-op graph
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, module.example_inputs(2), str(path), dynamo=False, opset_version=17,
+                          input_names=list(module.input_names), output_names=list(module.output_names),
+                          dynamic_axes=module.dynamic_axes())
+    return module, path
+
+
+def _two_feeds(batch, seq):
+    ids = RNG.integers(0, 50, (batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[:, seq - 2:] = 0  # padding at the end
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_torch_and_ort_runtimes_map_named_inputs_to_named_outputs(two_inputs):
+    module, path = two_inputs
+    ort_rt, torch_rt = load_runtime("ort-cpu", path, threads=1), load_runtime("torch-cpu", module, threads=1)
+    for rt in (ort_rt, torch_rt):
+        assert [(i.name, i.dtype) for i in rt.inputs()] == [("input_ids", np.int64),
+                                                             ("attention_mask", np.int64)]
+        assert [o.name for o in rt.outputs()] == ["pooled", "scores"]
+    assert torch_rt.inputs()[0].shape == ("batch", "seq")  # from the module's own dynamic_axes
+    for batch, seq in ((1, 4), (3, 9)):
+        feeds = _two_feeds(batch, seq)
+        a, b = ort_rt.run(feeds), torch_rt.run(dict(reversed(feeds.items())))  # order of the dict is free
+        assert list(a) == list(b) == ["pooled", "scores"]
+        assert a["pooled"].shape == (batch, 8) and a["scores"].shape == (batch, seq, 3)
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("include_transfer", [False, True])
+def test_io_binding_runtime_binds_every_named_input_and_output(two_inputs, include_transfer):
+    """The ort-cuda code path (on the CPU provider) with two int64 inputs and two outputs."""
+    _, path = two_inputs
+    rt = OrtIoBindingRuntime(path, 1, provider="CPUExecutionProvider", device_type="cpu",
+                             include_transfer=include_transfer)
+    ref = OrtCpuRuntime(path, threads=1)
+    f1, f2 = _two_feeds(2, 6), _two_feeds(4, 3)
+    rt.stage(f1)
+    for feeds in (f1, f2, f1):
+        out = rt.run(feeds)
+        assert list(out) == ["pooled", "scores"]
+        for name, want in ref.run(feeds).items():
+            np.testing.assert_allclose(np.asarray(out[name]), want, rtol=1e-6)
+    with pytest.raises(UserError, match="takes inputs input_ids, attention_mask"):
+        rt.run({"input_ids": f1["input_ids"]})
+
+
+# ------------------------------------------------------------------------------------------- the registry
+class _NumpyRuntime:
+    """A backend written for the test: y = x @ W.T + b in numpy (the gemm graph without its relu)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def inputs(self):
+        return [IOInfo("x", np.dtype(np.float32), ("batch", 6))]
+
+    def outputs(self):
+        return [IOInfo("y", np.dtype(np.float32), ("batch", 4))]
+
+    def run(self, feeds):
+        return {"y": np.asarray(feeds["x"], np.float32) @ W.T + B}
+
+    def describe(self):
+        return {"backend": "numpy", "inputs": [i.describe() for i in self.inputs()]}
+
+
+def test_a_registered_runtime_is_loaded_by_kind_and_alias(monkeypatch):
+    from lrdeploy.serving import runtimes
+
+    monkeypatch.setattr(runtimes, "_KINDS", dict(runtimes._KINDS))  # registration undone after the test
+    monkeypatch.setattr(runtimes, "_ALIASES", dict(runtimes._ALIASES))
+    seen = {}
+
+    def loader(source, **options):
+        seen.update(options, source=source)
+        return _NumpyRuntime(options["name"])
+
+    runtimes.register_runtime("numpy-cpu", loader, takes="onnx", aliases=("np",), description="numpy")
+    assert "numpy-cpu" in runtime_kinds("onnx") and "numpy-cpu (or np)" in runtimes.describe_kinds("onnx")
+    rt = load_runtime("NP", "model.onnx", threads=3)
+    assert isinstance(rt, Runtime) and rt.name == "numpy-cpu" and seen["threads"] == 3
+    assert seen["source"] == Path("model.onnx")
+    x = RNG.standard_normal((2, 6)).astype(np.float32)
+    np.testing.assert_allclose(run_single(rt, x), x @ W.T + B, rtol=1e-6)
+    with pytest.raises(ValueError, match="already registered"):
+        runtimes.register_runtime("np", loader, takes="onnx")
+    with pytest.raises(UserError, match="unknown runtime 'numpy-gpu'") as info:
+        load_runtime("numpy-gpu", "model.onnx")
+    assert "did you mean 'numpy-cpu'" in str(info.value) and "numpy-cpu" in str(info.value)
+
+
+def test_cli_runtime_help_and_refusal_come_from_the_registry():
+    from typer.testing import CliRunner
+
+    from lrdeploy.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    help_text = " ".join(result.output.split())
+    assert all(k in help_text for k in runtime_kinds("onnx"))
+    result = CliRunner().invoke(app, ["bench", "m.onnx", "--runtime", "toaster"])
+    assert result.exit_code == 2 and "unknown runtime 'toaster'" in result.output
+    assert all(k in result.output for k in runtime_kinds())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrdeploy.serving.runtimes import DeviceOutput, load_runtime
+from lrdeploy.serving.runtimes import DeviceOutput, load_runtime, run_single
 from lrdeploy.serving.runtimes.torch_runtime import TorchRuntime
 
 pytestmark = [
@@ -49,9 +49,9 @@ def test_torch_cuda_eager_matches_cpu_and_describes_the_gpu():
     cpu = load_runtime("torch-cpu", _model(), threads=1)
     gpu = load_runtime("torch-cuda", _model(), threads=1)
     x = RNG.standard_normal((8, 12)).astype(np.float32)
-    y = gpu.run(x)
+    y = gpu.run({"input": x})["output"]
     assert isinstance(y, DeviceOutput)  # output left on the device: the D2H copy is not timed
-    _close(y, cpu.run(x))
+    _close(y, run_single(cpu, x))
     d = gpu.describe()
     assert d["device"].startswith("cuda:") and d["mode"] == "eager" and d["device_name"]
     assert d["cuda"] == torch.version.cuda and "driver" in d and d["gpu"]["capability"]
@@ -64,10 +64,10 @@ def test_cuda_graph_replay_matches_eager(include_transfer):
                          include_transfer=include_transfer)
     for batch in (1, 5, 5, 1):  # a new shape captures a new graph; a known one replays
         x = RNG.standard_normal((batch, 12)).astype(np.float32)
-        y = graph.run(x)
+        y = run_single(graph, x)
         assert isinstance(y, np.ndarray) == include_transfer
-        _close(y, eager.run(x))
-    assert sorted(graph.describe()["graphs"]) == [[1, 12], [5, 12]]
+        _close(y, run_single(eager, x))
+    assert sorted(graph.describe()["graphs"]) == [[[1, 12]], [[5, 12]]]
 
 
 def test_cuda_graph_static_output_refuses_stale_reads_and_copies_unstaged_arrays():
@@ -75,21 +75,21 @@ def test_cuda_graph_static_output_refuses_stale_reads_and_copies_unstaged_arrays
     ref = TorchRuntime(_model(), device="cpu", threads=1)
     x1 = RNG.standard_normal((4, 12)).astype(np.float32)
     x2 = RNG.standard_normal((4, 12)).astype(np.float32)
-    rt.stage(x1)  # captures the graph for (4, 12) with x1 in its static input
-    assert rt.describe()["graphs"] == [[4, 12]]
-    y1 = rt.run(x1)
-    _close(y1, ref.run(x1))
-    y1_again = rt.run(x1)
-    y2 = rt.run(x2)  # same shape, unstaged array: copied into the static input before replay
+    rt.stage({"input": x1})  # captures the graph for (4, 12) with x1 in its static input
+    assert rt.describe()["graphs"] == [[[4, 12]]]
+    y1 = run_single(rt, x1)
+    _close(y1, run_single(ref, x1))
+    y1_again = run_single(rt, x1)
+    y2 = run_single(rt, x2)  # same shape, unstaged array: copied into the static input before replay
     with pytest.raises(RuntimeError, match="overwritten"):
         np.asarray(y1_again)
-    _close(y2, ref.run(x2))
-    _close(rt.run(x1), ref.run(x1))  # x2 displaced the staged x1, so x1 is copied in again
+    _close(y2, run_single(ref, x2))
+    _close(run_single(rt, x1), run_single(ref, x1))  # x2 displaced the staged x1, so x1 is copied again
 
 
 def test_torch_cuda_memory_counts_the_allocator_peak():
     rt = load_runtime("torch-cuda", _model(), threads=1)
-    x = RNG.standard_normal((16, 12)).astype(np.float32)
+    x = {"input": RNG.standard_normal((16, 12)).astype(np.float32)}
     rt.run(x)
     m = rt.memory(x, runs=2)
     assert m["cuda_device"] == rt.cuda_device_index
@@ -106,9 +106,9 @@ def test_ort_cuda_io_binding_matches_ort_cpu(onnx_path, include_transfer):
     assert gpu.describe()["providers"][0] == "CUDAExecutionProvider"
     for batch in (1, 7):
         x = RNG.standard_normal((batch, 12)).astype(np.float32)
-        y = gpu.run(x)
+        y = gpu.run({"features": x})["logits"]
         assert isinstance(y, np.ndarray) == include_transfer
-        _close(y, cpu.run(x))
+        _close(y, run_single(cpu, x))
 
 
 @pytest.mark.trt
@@ -136,10 +136,10 @@ def test_trt_engine_matches_ort_cpu(onnx_path, tmp_path):
     rt = load_runtime("trt", engine)
     for batch in (1, 8, 3):
         x = RNG.standard_normal((batch, 12)).astype(np.float32)
-        _close(rt.run(x), cpu.run(x), rtol=1e-3, atol=1e-4)  # TF32 tactics may be chosen
+        _close(run_single(rt, x), run_single(cpu, x), rtol=1e-3, atol=1e-4)  # TF32 tactics may be chosen
     d = rt.describe()
     assert d["sidecar"]["precision"] == "fp32" and d["tensors"]["features"]["mode"] == "input"
     from lrdeploy.errors import UserError
 
     with pytest.raises(UserError, match="rejected input"):
-        rt.run(np.zeros((64, 12), dtype=np.float32))  # outside the profile
+        run_single(rt, np.zeros((64, 12), dtype=np.float32))  # outside the profile

@@ -1,5 +1,6 @@
 """The Transformer (Multi30k de→en) through the ordinary commands: train (dense, Cuttlefish, Maestro) → export
-(two int64 inputs, dynamic batch and lengths, ORT matches PyTorch) → compare (perplexity, BLEU, token parity).
+(two int64 inputs, dynamic batch and lengths, ORT matches PyTorch) → compare (perplexity, BLEU, token parity,
+a golden set) → bench and check --golden (a multi-input model through both).
 
 A tiny model (d_model 32, one encoder and one decoder layer) on the first 300 training pairs, so the whole
 file stays well under a minute and a half on a 2-core box.
@@ -53,7 +54,7 @@ def pipeline(tmp_path_factory, data_dir):
         r = invoke("compare", root / "dense.onnx", root / "cuttlefish.onnx", "--data-dir", data_dir,
                    "--limit-test", "20", "--batch", "1,4", "--threads", "1", "--seconds", "0.05",
                    "--max-bleu-drop", "100", "--max-perplexity-increase", "10",
-                   "--json", root / "report.json")
+                   "--save-golden", root / "golden", "--golden-samples", "8", "--json", root / "report.json")
         assert r.exit_code == 0, r.output
         out["compare_output"] = r.output
         out["report"] = json.loads((root / "report.json").read_text())
@@ -105,9 +106,9 @@ def test_export_has_two_int64_inputs_with_dynamic_axes_and_matches_torch(pipelin
     with torch.inference_mode():
         ref = bundle.model(test.src, test.tgt_in).numpy()
     rt = OrtCpuRuntime(root / "cuttlefish.onnx", threads=1)
-    out = rt.run({"src": test.src.numpy(), "tgt_in": test.tgt_in.numpy()})
+    assert [i.name for i in rt.inputs()] == ["src", "tgt_in"] and [o.name for o in rt.outputs()] == ["logits"]
+    out = rt.run({"src": test.src.numpy(), "tgt_in": test.tgt_in.numpy()})["logits"]
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-5
-    assert np.array_equal(out, rt.run((test.src.numpy(), test.tgt_in.numpy())))
 
 
 def test_compare_reports_perplexity_bleu_and_token_parity(pipeline):
@@ -116,9 +117,15 @@ def test_compare_reports_perplexity_bleu_and_token_parity(pipeline):
             "budget", "verdict"} <= set(report)
     task = report["task"]
     assert task["task"] == "translation" and task["samples"] == 20 and task["split"] == "test"
+    assert task["languages"] == "de-en" and "accuracy" not in report  # no metric called accuracy here
     for side in ("reference", "candidate"):
         assert set(task[side]) == {"loss", "perplexity", "token_accuracy", "bleu"}
         assert task[side]["perplexity"] > 1 and 0 <= task[side]["bleu"] <= 100
+    headline = task["headline"]
+    assert headline["key"] == "bleu" and headline["delta"] == pytest.approx(
+        task["candidate"]["bleu"] - task["reference"]["bleu"])
+    assert [m["key"] for m in task["metrics"]] == ["bleu", "perplexity", "token_accuracy"]
+    assert report["reference"]["task"] == report["candidate"]["task"] == "translation"
     # ORT's teacher-forced numbers agree with the bundle's (PyTorch) on the same first sentences' prefix
     assert report["reference"]["method"] == "dense" and report["candidate"]["method"] == "cuttlefish"
     parity = report["parity"]
@@ -127,6 +134,7 @@ def test_compare_reports_perplexity_bleu_and_token_parity(pipeline):
     assert 0 <= parity["top1_agreement"] <= 1 and parity["rel_l2"] >= 0
     assert set(report["latency"]) == {"1", "4"} and report["latency"]["4"]["speedup"] > 0
     assert report["environment"]["latency_inputs"]["4"]["src"][0] == 4
+    assert parity["rows"] == "non-padding target tokens of the first 20 sentences (teacher-forced)"
     names = [c["name"] for c in report["budget"]["checks"]]
     assert names == ["BLEU drop (points)", "perplexity increase (relative)"] and report["budget"]["passed"]
     assert "perplexity" in pipeline["compare_output"] and "BLEU" in pipeline["compare_output"]
@@ -150,7 +158,7 @@ def test_task_mismatches_are_user_errors(tmp_path, data_dir, pipeline):
     assert r.exit_code == 0, r.output
     r = invoke("compare", pipeline["root"] / "dense.onnx", tmp_path / "lenet", "--data-dir", data_dir,
                "--threads", "1")
-    assert r.exit_code == 2 and "not a translation model" in r.output
+    assert r.exit_code == 2 and "a translation model and the candidate a classification model" in r.output
 
 
 def test_svd_compress_evaluates_and_fine_tunes_a_translation_bundle(tmp_path, data_dir, pipeline):
@@ -188,3 +196,45 @@ def test_int8_and_fp16_variants_are_judged_on_test_sentence_pairs(tmp_path, pipe
         # flat, so dynamic int8 flips many arg-maxes (agreement ~0.6 with onnxruntime 1.32); fp16 must pass.
         assert res.passed == (not res.failures) and (res.passed or precision == "int8"), res.failures
         assert res.parity["top1_agreement"] > (0.9 if precision == "fp16" else 0.3)
+
+
+def test_bench_times_the_two_input_graphs_on_synthetic_token_ids(pipeline, tmp_path):
+    root, out = pipeline["root"], tmp_path / "bench.json"
+    args = ["bench", root / "dense.onnx", root / "cuttlefish.onnx", "--batch", "1,4", "--threads", "1",
+            "--seconds", "0", "--min-runs", "3", "--warmup", "0", "--rounds", "3", "--time-limit", "0.2"]
+    r = invoke(*args, "--json", out)
+    assert r.exit_code == 2 and "dynamic dimension 'src_len'" in r.output and "--dim src_len=N" in r.output
+    r = invoke(*args, "--dim", "src_len=12", "--dim", "tgt_len=9", "--profile", "--profile-runs", "2",
+               "--json", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    fed = report["settings"]["inputs"]["4"]
+    assert fed == {"src": {"shape": [4, 12], "dtype": "int64"}, "tgt_in": {"shape": [4, 9], "dtype": "int64"}}
+    assert report["settings"]["dims"] == {"src_len": 12, "tgt_len": 9}
+    assert report["settings"]["input_shape"] is None
+    assert [i["name"] for i in report["models"]["dense"]["inputs"]] == ["src", "tgt_in"]
+    assert report["batches"]["4"]["speedup"]["cuttlefish"] > 0
+    assert report["profile"]["dense"]["4"]["by_op_type"]  # profiled on the same two inputs
+
+
+def test_check_golden_of_a_two_input_model(pipeline, tmp_path):
+    """The golden set `compare --save-golden` wrote holds both named inputs; its own graph (and bundle)
+    passes, the compressed graph does not pass for the same model."""
+    from lrdeploy.serving.golden import load_golden
+
+    root = pipeline["root"]
+    golden = load_golden(root / "golden")
+    assert list(golden.inputs) == ["src", "tgt_in"] and golden.samples == 8
+    assert golden.inputs["src"].dtype == np.int64 and golden.outputs["logits"].ndim == 3
+    assert golden.labels is not None and golden.labels.shape == golden.inputs["tgt_in"].shape
+    assert pipeline["report"]["golden"]["samples"] == 8
+    out = tmp_path / "check.json"
+    r = invoke("check", root / "dense.onnx", "--golden", root / "golden", "--json", out)
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["outputs"]["logits"]["rel_l2"] < 1e-5
+    assert result["golden"]["inputs"]["src"][0] == 8
+    r = invoke("check", root / "dense", "--golden", root / "golden")  # the bundle, exported on the fly
+    assert r.exit_code == 0, r.output
+    r = invoke("check", root / "cuttlefish.onnx", "--golden", root / "golden")
+    assert r.exit_code == 1 and "golden check failed (fp32)" in r.output

@@ -176,6 +176,14 @@ class Task:
         """Labels matching :meth:`feeds` (for golden sets), or None where the task has none."""
         return None
 
+    def describe_data(self, data: Any) -> dict[str, Any]:
+        """What a report says about a split beyond its name and size (e.g. a translation's languages)."""
+        return {}
+
+    def parity_note(self, data: Any, examples: int) -> str | None:
+        """Which rows :meth:`evaluate_with_rows` gives parity, in words, where it is not one per example."""
+        return None
+
     def parity_rows(self, outputs: Mapping[str, np.ndarray], feeds: Feeds) -> np.ndarray:
         """The 2-D rows parity compares (first output by default: one row per example)."""
         first = np.asarray(next(iter(outputs.values())))
@@ -218,8 +226,9 @@ def torch_predict(model: nn.Module, input_names: Sequence[str], output_names: Se
 
 
 def runtime_predict(runtime: Any) -> Predict:
-    """A predict function over a runtime with the named-I/O ``run(feeds) -> outputs``."""
-    return lambda feeds: runtime.run(feeds)
+    """A predict function over a runtime with the named-I/O ``run(feeds) -> outputs`` (host arrays: a device
+    runtime's outputs are copied back)."""
+    return lambda feeds: {k: np.asarray(v) for k, v in runtime.run(feeds).items()}
 
 
 def batched(predict: Predict, feeds: Feeds, batch_size: int) -> dict[str, np.ndarray]:

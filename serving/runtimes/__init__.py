@@ -1,11 +1,14 @@
-"""Runtimes: one small module per backend behind one protocol (``Runtime``: name, run, describe).
+"""Runtimes: one small module per backend behind one protocol (:class:`Runtime`: ``inputs()``,
+``outputs()``, ``run(feeds) -> outputs``, ``describe()``), registered by kind.
 
-Backends are imported lazily by ``load_runtime`` so that importing serving never pulls in onnxruntime, torch
-or tensorrt unless that backend is used, and a missing optional backend (or missing hardware) fails with a
-one-line error that says what is missing.
+A backend is a module with a runtime class and a loader, plus its ``register_runtime`` line below: nothing
+else dispatches on the kind, and CLI choices (``--runtime``) are read from this registry. Loaders import
+their backend lazily, so importing serving never pulls in onnxruntime, torch or tensorrt unless that backend
+is used, and a missing optional backend (or missing hardware) fails with a one-line error that says what is
+missing.
 
-| kind         | source            | module              | notes                                          |
-|--------------|-------------------|---------------------|------------------------------------------------|
+| kind           | takes             | module              | notes                                          |
+|----------------|-------------------|---------------------|------------------------------------------------|
 | ``torch-cpu``  | ``nn.Module``     | ``torch_runtime``   | eager                                          |
 | ``torch-cuda`` | ``nn.Module``     | ``torch_runtime``   | ``mode="eager"`` or ``"cuda-graph"``           |
 | ``ort-cpu``    | ``.onnx`` path    | ``ort_cpu``         | CPUExecutionProvider                           |
@@ -15,100 +18,148 @@ one-line error that says what is missing.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lrdeploy.errors import UserError
 
-from .base import DeviceOutput, Runtime, available_cpus, measure_memory, resolve_threads, to_numpy
+from .base import (
+    DeviceOutput,
+    IOInfo,
+    Runtime,
+    available_cpus,
+    bind_feeds,
+    first_output,
+    measure_memory,
+    resolve_threads,
+    run_single,
+    to_numpy,
+)
 
-RUNTIME_KINDS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "trt")
-TORCH_MODES = ("eager", "cuda-graph")
-# what users type -> (canonical kind, torch mode implied by the alias or None)
-_ALIASES: dict[str, tuple[str, str | None]] = {
-    **{k: (k, None) for k in RUNTIME_KINDS},
-    "torch": ("torch-cpu", None),
-    "ort": ("ort-cpu", None),
-    "onnxruntime": ("ort-cpu", None),
-    "onnxruntime-cuda": ("ort-cuda", None),
-    "ort-gpu": ("ort-cuda", None),
-    "tensorrt": ("trt", None),
-    "torch-cuda-graph": ("torch-cuda", "cuda-graph"),
-}
+TAKES = {"module": "an nn.Module", "onnx": "an .onnx file", "engine": "a serialised TensorRT engine "
+         "(.plan/.engine)"}
+
+
+@dataclass(frozen=True)
+class RuntimeKind:
+    """One registered backend: what it takes, how it is built, the options it understands."""
+
+    kind: str
+    loader: Callable[..., Runtime]
+    takes: str  # a key of TAKES
+    description: str = ""
+    modes: tuple[str, ...] = ()  # execution modes it accepts (torch-cuda: eager, cuda-graph)
+    dtypes: bool = False  # runs its source at a chosen dtype (modules); artefacts carry their own
+    aliases: dict[str, str | None] = field(default_factory=dict)  # alias -> mode it implies
+
+
+_KINDS: dict[str, RuntimeKind] = {}
+_ALIASES: dict[str, tuple[str, str | None]] = {}  # what users type -> (kind, implied mode)
+
+
+def register_runtime(kind: str, loader: Callable[..., Runtime], *, takes: str,
+                     aliases: Iterable[str] | Mapping[str, str | None] = (), description: str = "",
+                     modes: Iterable[str] = (), dtypes: bool = False) -> RuntimeKind:
+    """Make ``load_runtime(kind, source, **options)`` call ``loader(source, threads=, name=, mode=,
+    include_transfer=, device_id=, dtype=)``. ``aliases``: other names (a mapping gives each the mode it
+    implies, e.g. ``torch-cuda-graph`` → ``cuda-graph``)."""
+    key = kind.strip().lower()
+    implied = dict(aliases) if isinstance(aliases, Mapping) else {a: None for a in aliases}
+    names = [key, *(a.strip().lower() for a in implied)]
+    taken = [n for n in names if n in _ALIASES]
+    if taken or takes not in TAKES:
+        raise ValueError(f"runtime {kind!r}: name(s) {taken} already registered or unknown takes={takes!r}")
+    entry = RuntimeKind(key, loader, takes, description, tuple(modes), dtypes,
+                        {a.strip().lower(): m for a, m in implied.items()})
+    _KINDS[key] = entry
+    _ALIASES[key] = (key, None)
+    for alias, mode in entry.aliases.items():
+        _ALIASES[alias] = (key, mode)
+    return entry
+
+
+def runtime_kinds(takes: str | None = None) -> list[str]:
+    """Registered kinds (in registration order), optionally only those that take ``takes``."""
+    return [k for k, e in _KINDS.items() if takes is None or e.takes == takes]
+
+
+def get_runtime_kind(kind: str) -> RuntimeKind:
+    return _KINDS[canonical_kind(kind)[0]]
+
+
+def describe_kinds(takes: str | None = None) -> str:
+    """``ort-cpu, ort-cuda (alias ort-gpu)…``: for CLI help and error hints."""
+    parts = []
+    for k in runtime_kinds(takes):
+        aliases = [a for a, m in _KINDS[k].aliases.items() if m is None]
+        parts.append(k + (f" (or {', '.join(aliases)})" if aliases else ""))
+    return ", ".join(parts)
 
 
 def canonical_kind(kind: str) -> tuple[str, str | None]:
-    """(kind, implied torch mode) for a name or alias; unknown names are a UserError listing the kinds."""
+    """(kind, implied mode) for a name or alias; unknown names are a UserError listing the kinds."""
     found = _ALIASES.get(str(kind).strip().lower())
     if found is None:
+        close = difflib.get_close_matches(str(kind).strip().lower(), _ALIASES, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        implied = [f"{a} = {k} in mode {m}" for k, e in _KINDS.items() for a, m in e.aliases.items() if m]
         raise UserError(f"unknown runtime {kind!r}",
-                        hint=f"choose one of: {', '.join(RUNTIME_KINDS)} (torch-cuda-graph = torch-cuda in "
-                             "mode cuda-graph)")
+                        hint=f"{hint}registered runtimes: {', '.join(_KINDS)}"
+                             + (f" ({'; '.join(implied)})" if implied else ""))
     return found
-
-
-def _need_path(kind: str, source: Any, what: str) -> Path:
-    if not isinstance(source, (str, Path)):
-        raise UserError(f"runtime {kind} takes a path to {what}, got {type(source).__name__}",
-                        hint="for an nn.Module use --runtime torch-cpu or torch-cuda")
-    return Path(source)
 
 
 def load_runtime(kind: str, source: Any, *, threads: int | None = None, name: str | None = None,
                  mode: str | None = None, include_transfer: bool = False, device_id: int = 0,
                  dtype: str = "float32") -> Runtime:
-    """Build a runtime of ``kind`` on ``source`` (an ``nn.Module`` for torch kinds, a file path otherwise).
+    """Build a runtime of ``kind`` on ``source`` (an ``nn.Module`` or a file path, as the kind takes).
 
-    ``mode`` (eager | cuda-graph) applies to ``torch-cuda`` only; ``include_transfer`` times host↔device
-    copies inside each run (device kinds; default off, as trtexec); ``device_id`` picks the GPU; ``dtype``
-    (float32 | float16 | bfloat16) applies to torch kinds (ONNX and TensorRT artefacts carry their own).
+    ``mode`` applies to kinds that have modes (torch-cuda: eager | cuda-graph); ``include_transfer`` times
+    host↔device copies inside each run (device kinds; default off, as trtexec); ``device_id`` picks the GPU;
+    ``dtype`` (float32 | float16 | bfloat16) applies to kinds that run a module (ONNX and TensorRT artefacts
+    carry their own precision).
     """
     canonical, implied_mode = canonical_kind(kind)
+    entry = _KINDS[canonical]
     if mode is not None and implied_mode is not None and mode != implied_mode:
         raise UserError(f"runtime {kind!r} implies mode {implied_mode!r}, but mode {mode!r} was given")
     mode = mode or implied_mode
-    if mode is not None and canonical != "torch-cuda":
-        raise UserError(f"mode {mode!r} applies to runtime torch-cuda only, not {canonical}",
-                        hint="drop --mode, or use --runtime torch-cuda")
-    if mode is not None and mode not in TORCH_MODES:
-        raise UserError(f"unknown torch mode {mode!r}", hint=f"choose one of: {', '.join(TORCH_MODES)}")
-    if dtype not in (None, "float32", "fp32") and not canonical.startswith("torch"):
-        raise UserError(f"dtype {dtype!r} applies to the torch runtimes only; {canonical} runs the precision "
-                        "its artefact was exported/built with", hint="export or build at that precision")
-    name = name or canonical
-
-    if canonical in ("torch-cpu", "torch-cuda"):
-        if isinstance(source, (str, Path)):
-            raise UserError(f"runtime {canonical} takes an nn.Module, got the path {str(source)!r}",
-                            hint="for .onnx files use --runtime ort-cpu / ort-cuda; for engines, trt")
-        from .torch_runtime import TorchRuntime
-
-        device = "cpu" if canonical == "torch-cpu" else f"cuda:{int(device_id)}"
-        return TorchRuntime(source, device=device, threads=threads, name=name, mode=mode or "eager",
-                            include_transfer=include_transfer, dtype=dtype or "float32")
-
-    if canonical == "trt":
-        path = _need_path(canonical, source, "a serialised TensorRT engine (.plan/.engine)")
-        from .trt import TrtRuntime
-
-        return TrtRuntime(path, threads=threads, name=name, device_id=device_id,
-                          include_transfer=include_transfer)
-
-    path = _need_path(canonical, source, "an .onnx file")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        package = "onnxruntime-gpu" if canonical == "ort-cuda" else "onnxruntime"
-        raise UserError(f"onnxruntime is not installed ({exc})", hint=f"pip install {package}") from None
-    if canonical == "ort-cpu":
-        from .ort_cpu import OrtCpuRuntime
-
-        return OrtCpuRuntime(path, threads=threads, name=name)
-    from .ort_cuda import OrtCudaRuntime
-
-    return OrtCudaRuntime(path, threads=threads, name=name, device_id=device_id,
-                          include_transfer=include_transfer)
+    if mode is not None and not entry.modes:
+        with_modes = [k for k, e in _KINDS.items() if e.modes]
+        raise UserError(f"mode {mode!r} applies to runtime {', '.join(with_modes)} only, not {canonical}",
+                        hint="drop --mode, or use --runtime " + " / ".join(with_modes))
+    if mode is not None and mode not in entry.modes:
+        raise UserError(f"unknown {canonical} mode {mode!r}", hint=f"choose one of: {', '.join(entry.modes)}")
+    if dtype not in (None, "float32", "fp32") and not entry.dtypes:
+        with_dtypes = [k for k, e in _KINDS.items() if e.dtypes]
+        raise UserError(f"dtype {dtype!r} applies to the runtimes that run a module "
+                        f"({', '.join(with_dtypes)}) only; {canonical} runs the precision its artefact "
+                        "was exported/built with",
+                        hint="export or build at that precision")
+    is_path = isinstance(source, (str, Path))
+    if entry.takes == "module" and is_path:
+        files = [k for k, e in _KINDS.items() if e.takes != "module"]
+        raise UserError(f"runtime {canonical} takes {TAKES['module']}, got the path {str(source)!r}",
+                        hint=f"for artefact files use --runtime {' / '.join(files)}")
+    if entry.takes != "module" and not is_path:
+        modules = [k for k, e in _KINDS.items() if e.takes == "module"]
+        raise UserError(f"runtime {canonical} takes a path to {TAKES[entry.takes]}, got "
+                        f"{type(source).__name__}",
+                        hint=f"for an nn.Module use --runtime {' or '.join(modules)}")
+    return entry.loader(source if entry.takes == "module" else Path(source), threads=threads,
+                        name=name or canonical, mode=mode, include_transfer=include_transfer,
+                        device_id=device_id, dtype=dtype)
 
 
-__all__ = ["RUNTIME_KINDS", "TORCH_MODES", "DeviceOutput", "Runtime", "available_cpus", "canonical_kind",
-           "load_runtime", "measure_memory", "resolve_threads", "to_numpy"]
+# Registration: each backend module registers its kinds when imported (cheap: backends import lazily).
+from . import ort_cpu as _ort_cpu  # noqa: E402,F401
+from . import ort_cuda as _ort_cuda  # noqa: E402,F401
+from . import torch_runtime as _torch_runtime  # noqa: E402,F401
+from . import trt as _trt  # noqa: E402,F401
+
+__all__ = ["DeviceOutput", "IOInfo", "Runtime", "RuntimeKind", "available_cpus", "bind_feeds",
+           "canonical_kind", "describe_kinds", "first_output", "get_runtime_kind", "load_runtime",
+           "measure_memory", "register_runtime", "resolve_threads", "run_single", "runtime_kinds", "to_numpy"]

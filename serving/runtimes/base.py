@@ -1,7 +1,9 @@
-"""The one protocol every backend implements, so the bench and parity code never branch on the backend.
+"""The one protocol every backend implements (Polygraphy's runner shape), so bench, parity, golden sets and
+``compare`` never branch on the backend or on the number of inputs.
 
-A runtime is deliberately tiny: ``run`` maps one input batch (numpy) to the first output (numpy), and
-``describe`` says what actually executed it (providers in use, threads, library version) — a benchmark that
+A runtime says what it takes and gives (``inputs()``/``outputs()``: :class:`IOInfo` name, dtype and shape,
+with a name or None for a dynamic dimension), maps named inputs to named outputs (``run(feeds) -> dict``), and
+``describe()`` says what actually executed it (providers in use, threads, library version) — a benchmark that
 does not record this cannot be reproduced or trusted (ORT-GPU silently falls back to CPU, see baseline.md).
 """
 
@@ -10,8 +12,9 @@ from __future__ import annotations
 import gc
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -21,30 +24,88 @@ from lrdeploy.errors import UserError
 from lrdeploy.host import available_cpus as available_cpus  # re-exported: engine-level, exporters use it
 from lrdeploy.host import resolve_threads as resolve_threads  # re-exported: idem
 
+Dim = int | str | None  # a fixed size, a named dynamic axis ("batch", "src_len"), or an anonymous one
+Feeds = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class IOInfo:
+    """One named input or output: numpy dtype and shape (``None`` when the rank is not declared, e.g. the
+    inputs of a plain ``nn.Module``)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...] | None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": np.dtype(self.dtype).name,
+                "shape": None if self.shape is None else list(self.shape)}
+
 
 @runtime_checkable
 class Runtime(Protocol):
-    """Something that runs a model on a numpy batch and can say how it did so."""
+    """Something that runs a model on named numpy inputs and can say how it did so."""
 
     name: str
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Run one batch; return the (first) output. Must block until the result is ready.
+    def inputs(self) -> list[IOInfo]:
+        """The inputs ``run`` takes, in graph (``forward``) order."""
+        ...
 
-        Device runtimes built with ``include_transfer=False`` return a :class:`DeviceOutput` instead (the
-        output stays on the device; ``np.asarray`` copies it to the host), so callers that need numpy
-        wrap the result in ``np.asarray`` — which is a no-op for the CPU runtimes.
+    def outputs(self) -> list[IOInfo]:
+        """The outputs ``run`` returns, in graph order."""
+        ...
+
+    def run(self, feeds: Feeds) -> dict[str, Any]:
+        """Run one batch: input name → array in, output name → array out. Must block until done.
+
+        Device runtimes built with ``include_transfer=False`` return :class:`DeviceOutput` values instead
+        (the output stays on the device; ``np.asarray`` copies it to the host), so callers that need numpy
+        wrap each value in ``np.asarray`` — a no-op for the CPU runtimes.
         """
         ...
 
     def describe(self) -> dict[str, Any]:
-        """{"backend", "device", "providers", "threads", "version", ...}: what is really in use."""
+        """{"backend", "device", "providers", "threads", "version", "inputs", "outputs", ...}."""
         ...
+
+
+def bind_feeds(inputs: Sequence[IOInfo], feeds: Feeds, what: str) -> dict[str, Any]:
+    """``feeds`` keyed by ``inputs``' names, in their order; anything missing or extra is a UserError.
+
+    One exception, the only case without ambiguity: a one-input model fed one array under another name (a
+    task's ``input`` for a graph whose input is called ``x``) gets it under its own name.
+    """
+    if not isinstance(feeds, Mapping):
+        raise UserError(f"{what} takes named inputs (a dict name → array), got {type(feeds).__name__}",
+                        hint="pass {input name: array}; run_single(runtime, x) feeds a one-input model")
+    names = [i.name for i in inputs]
+    if len(feeds) == len(names) and all(n in feeds for n in names):
+        return {n: feeds[n] for n in names}
+    if len(names) == 1 and len(feeds) == 1:
+        return {names[0]: next(iter(feeds.values()))}
+    got = ", ".join(map(str, feeds)) or "none"
+    raise UserError(f"{what} takes inputs {', '.join(names) or '(none)'}; got {got}",
+                    hint="feed every graph input by name")
+
+
+def run_single(runtime: Runtime, x: Any) -> Any:
+    """The first output of a one-input ``runtime`` on the array ``x`` (for callers that hold one array)."""
+    inputs = runtime.inputs()
+    if len(inputs) != 1:
+        raise UserError(f"{runtime.name} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                        "got one array", hint="pass a dict name → array to run()")
+    return first_output(runtime.run({inputs[0].name: x}))
+
+
+def first_output(outputs: Mapping[str, Any]) -> Any:
+    """The first value of a ``run`` result (graph order)."""
+    return next(iter(outputs.values()))
 
 
 # ------------------------------------------------------------------------------------------ device outputs
 class DeviceOutput:
-    """A run's first output left on the device; ``np.asarray(out)`` or ``out.numpy()`` copies it to the host.
+    """A run's output left on the device; ``np.asarray(out)`` or ``out.numpy()`` copies it to the host.
 
     Device runtimes return this instead of a numpy array when ``include_transfer=False``, so the timed call
     covers the compute and not the device→host copy (trtexec's default; ORT issue #8166 is the classic
@@ -234,21 +295,21 @@ def measure_memory(fn: Callable[[], Any], *, runs: int = 1, cuda_device: int | N
 
 
 class MeasuresMemory:
-    """Mixin: ``runtime.memory(x)`` = :func:`measure_memory` around ``runtime.run(x)`` on its own device.
+    """Mixin: ``runtime.memory(feeds)`` = :func:`measure_memory` around ``runtime.run(feeds)`` on its device.
 
     The first run on a new input shape includes one-off costs (staging the input, capturing a CUDA graph,
-    allocating output buffers): warm the runtime up on ``x`` first to see the steady state.
+    allocating output buffers): warm the runtime up on ``feeds`` first to see the steady state.
     """
 
     cuda_device_index: int | None = None
     last_memory: dict[str, Any] | None = None
 
-    def memory(self, x: np.ndarray, runs: int = 3) -> dict[str, Any]:
-        result = measure_memory(lambda: self.run(x), runs=runs, cuda_device=self.cuda_device_index)
+    def memory(self, feeds: Feeds, runs: int = 3) -> dict[str, Any]:
+        result = measure_memory(lambda: self.run(feeds), runs=runs, cuda_device=self.cuda_device_index)
         self.last_memory = result
         return result
 
-    def run(self, x: np.ndarray) -> Any:  # pragma: no cover - provided by the runtime
+    def run(self, feeds: Feeds) -> Any:  # pragma: no cover - provided by the runtime
         raise NotImplementedError
 
 

@@ -3,13 +3,14 @@
 Why it is built this way:
 - The session comes from :func:`ort_session.make_session`: ``[CUDAExecutionProvider, CPUExecutionProvider]``,
   and a session whose first provider in use is not CUDA is an error, never a CPU benchmark labelled "GPU".
-- I/O binding (ORT issue #8166: "GPU 5x slower" was host↔device copies inside the timing). With
-  ``include_transfer=False`` (the default, as trtexec) ``stage(x)`` copies ``x`` to the device ahead of
-  time (the bench calls it before warm-up) and binds it; runs on that same array object use it, and each
-  ``run`` binds the output on the device and returns a :class:`DeviceOutput` that is copied to the host
-  only when converted (``np.asarray``). Arrays that were not staged are bound from the host (ORT copies
-  them inside the call). With ``include_transfer=True`` each ``run`` binds the host array and a host
-  output, so ORT does both copies inside the call (what a user serving numpy requests pays).
+- I/O binding (ORT issue #8166: "GPU 5x slower" was host↔device copies inside the timing), by input and
+  output name, so models with several inputs (token ids + attention mask) and outputs run the same way. With
+  ``include_transfer=False`` (the default, as trtexec) ``stage(feeds)`` copies each input to the device ahead
+  of time (the bench calls it before warm-up) and binds it; runs on those same array objects use them, and
+  each ``run`` binds every output on the device and returns :class:`DeviceOutput` values that are copied to
+  the host only when converted (``np.asarray``). Arrays that were not staged are bound from the host (ORT
+  copies them inside the call). With ``include_transfer=True`` each ``run`` binds the host arrays and host
+  outputs, so ORT does every copy inside the call (what a user serving numpy requests pays).
 - ``synchronize_outputs()`` before returning, so a clock read after ``run`` sees finished work.
 
 :class:`OrtIoBindingRuntime` is provider-generic; on ``CPUExecutionProvider`` with ``device_type="cpu"``
@@ -23,8 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from .base import DeviceOutput, MeasuresMemory, cuda_device_info, resolve_threads
-from .ort_session import CPU_PROVIDER, ORT_DTYPES, make_session, rejected_input, session_io, session_settings
+from .base import DeviceOutput, Feeds, IOInfo, MeasuresMemory, bind_feeds, cuda_device_info, resolve_threads
+from .ort_session import (
+    CPU_PROVIDER,
+    ORT_DTYPES,
+    make_session,
+    rejected_input,
+    session_io,
+    session_settings,
+)
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -63,58 +71,75 @@ class OrtIoBindingRuntime(MeasuresMemory):
         self.providers: list[str] = list(self.session.get_providers())
         self.version: str = ort.__version__
         self._ort = ort
-        self.io = session_io(self.session, self.path)
+        self.io = session_io(self.session)
         self._binding = self.session.io_binding()
-        self._staged_host: np.ndarray | None = None  # the array object whose copy is bound on the device
-        self._staged_value: Any = None
+        # input name -> (the host array object whose device copy is bound, that OrtValue)
+        self._staged: dict[str, tuple[np.ndarray, Any]] = {}
+        self._host_bound: dict[str, np.ndarray] = {}  # host arrays bound with bind_cpu_input, kept alive
 
     @property
     def device(self) -> str:
         return self.device_type if self.device_type == "cpu" else f"{self.device_type}:{self.device_id}"
 
-    def _host(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x, dtype=self.io.input_dtype)
+    def inputs(self) -> list[IOInfo]:
+        return list(self.io.inputs)
 
-    def stage(self, x: np.ndarray) -> None:
-        """Copy ``x`` to the device and bind it, untimed; later runs on this same array object reuse it."""
+    def outputs(self) -> list[IOInfo]:
+        return list(self.io.outputs)
+
+    def _host(self, info: IOInfo, x: Any) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=info.dtype)
+
+    def stage(self, feeds: Feeds) -> None:
+        """Copy every input to the device and bind it, untimed; later runs on these same array objects reuse
+        the copies."""
         if self.include_transfer:
             return
-        host = self._host(x)
-        value = self._ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
-        self._binding.bind_ortvalue_input(self.io.input_name, value)
+        bound = bind_feeds(self.io.inputs, feeds, self.path.name)
+        for i in self.io.inputs:
+            host = self._host(i, bound[i.name])
+            value = self._ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
+            self._binding.bind_ortvalue_input(i.name, value)
+            self._staged[i.name] = (bound[i.name], value)
+            self._host_bound.pop(i.name, None)
         self._binding.synchronize_inputs()
-        self._staged_host, self._staged_value = x, value
 
-    def run(self, x: np.ndarray) -> Any:
-        binding, name = self._binding, self.io.output_name
-        if self.include_transfer or x is not self._staged_host:
-            binding.bind_cpu_input(self.io.input_name, self._host(x))  # ORT copies it in inside run
-            self._staged_host = self._staged_value = None  # the staged copy is no longer bound
-        if self.include_transfer:
-            binding.bind_output(name, "cpu")  # … and the output back
-        else:
-            binding.bind_output(name, self.device_type, self.device_id)
+    def run(self, feeds: Feeds) -> dict[str, Any]:
+        binding, names = self._binding, self.io.output_names
+        bound = bind_feeds(self.io.inputs, feeds, self.path.name)
+        for i in self.io.inputs:
+            x, staged = bound[i.name], self._staged.get(i.name)
+            if self.include_transfer or staged is None or staged[0] is not x:
+                host = self._host(i, x)
+                binding.bind_cpu_input(i.name, host)  # ORT copies it in inside run
+                self._host_bound[i.name] = host
+                self._staged.pop(i.name, None)  # the staged copy is no longer bound
+        for n in names:
+            if self.include_transfer:
+                binding.bind_output(n, "cpu")  # … and the outputs back
+            else:
+                binding.bind_output(n, self.device_type, self.device_id)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # run_with_iobinding reports a bad input shape as a plain RuntimeError
             if not (type(exc).__module__.startswith("onnxruntime") or isinstance(exc, RuntimeError)):
                 raise
-            self._staged_host = self._staged_value = None
-            raise rejected_input(self.path, np.asarray(x), self.io.input_shape, exc) from None
+            self._staged.clear()
+            raise rejected_input(self.path, bound, self.io, exc) from None
         binding.synchronize_outputs()
         if self.include_transfer:
-            return binding.copy_outputs_to_cpu()[0]
-        value = binding.get_outputs()[0]  # a fresh ORT allocation each run: no later run overwrites it
-        dtype = ORT_DTYPES.get(value.data_type(), np.float32)
-        return DeviceOutput(value.numpy, value.shape(), dtype)
+            return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+        values = binding.get_outputs()  # fresh ORT allocations each run: no later run overwrites them
+        return {n: DeviceOutput(v.numpy, v.shape(), ORT_DTYPES.get(v.data_type(), np.float32))
+                for n, v in zip(names, values, strict=True)}
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             **session_settings(self),
             "io_binding": True,
             "include_transfer": self.include_transfer,
-            "transfers": "timed (host input and output bound)" if self.include_transfer
-            else "excluded for staged inputs (stage(x)); output copied on demand",
+            "transfers": "timed (host inputs and outputs bound)" if self.include_transfer
+            else "excluded for staged inputs (stage(feeds)); outputs copied on demand",
             **self.io.describe(),
             "memory": self.last_memory,
         }
@@ -137,3 +162,22 @@ class OrtCudaRuntime(OrtIoBindingRuntime):
         super().__init__(path, threads, name=name, provider=CUDA_PROVIDER, device_type="cuda",
                          device_id=device_id, include_transfer=include_transfer,
                          provider_options=provider_options)
+
+
+def load(source: Path, *, threads: int | None, name: str, device_id: int = 0, include_transfer: bool = False,
+         **_: Any) -> OrtCudaRuntime:
+    """The registry's loader (``ort-cuda``)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        from lrdeploy.errors import UserError
+
+        raise UserError(f"onnxruntime is not installed ({exc})", hint="pip install onnxruntime-gpu") from None
+    return OrtCudaRuntime(source, threads=threads, name=name, device_id=device_id,
+                          include_transfer=include_transfer)
+
+
+from . import register_runtime  # noqa: E402
+
+register_runtime("ort-cuda", load, takes="onnx", aliases=("ort-gpu", "onnxruntime-cuda"),
+                 description="ONNX Runtime, CUDAExecutionProvider with I/O binding")

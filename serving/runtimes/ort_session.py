@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ import numpy as np
 
 from lrdeploy.errors import UserError
 from lrdeploy.host import session_options  # engine-level: the fold cost model uses the same options
+
+from .base import IOInfo, bind_feeds
 
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -136,75 +138,51 @@ def make_session(path: str | Path, providers: Sequence[ProviderSpec], *, sess_op
     return session
 
 
-@dataclass(frozen=True)
-class InputInfo:
-    """One graph input: name, shape (symbolic dimensions as names), ORT type and the numpy dtype to feed."""
-
-    name: str
-    shape: list[int | str | None]
-    type: str
-    dtype: np.dtype
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": self.shape, "type": self.type}
+def _io_info(arg: Any) -> IOInfo:
+    return IOInfo(arg.name, np.dtype(ORT_DTYPES.get(arg.type, np.float32)), tuple(arg.shape))
 
 
 @dataclass(frozen=True)
 class SessionIO:
-    """The (first) input and the first output of a session: what every ORT runtime needs to feed it.
+    """Every input and output of a session (graph order) and their ORT type names, for ``describe()``."""
 
-    ``inputs`` lists every input in graph order (one entry for a single-input model).
-    """
+    inputs: tuple[IOInfo, ...]
+    outputs: tuple[IOInfo, ...]
+    types: dict[str, str]
 
-    input_name: str
-    input_shape: list[int | str | None]
-    input_type: str
-    input_dtype: np.dtype
-    output_name: str
-    output_shape: list[int | str | None]
-    output_type: str
-    inputs: tuple[InputInfo, ...] = ()
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
 
     def describe(self) -> dict[str, Any]:
-        out = {"input": {"name": self.input_name, "shape": self.input_shape, "type": self.input_type},
-               "output": {"name": self.output_name, "shape": self.output_shape, "type": self.output_type}}
-        if len(self.inputs) > 1:
-            out["inputs"] = [i.describe() for i in self.inputs]
-        return out
+        return {key: [{**i.describe(), "type": self.types[i.name]} for i in infos]
+                for key, infos in (("inputs", self.inputs), ("outputs", self.outputs))}
 
 
-def session_io(session: Any, path: str | Path, *, multi_input: bool = False) -> SessionIO:
-    """Name, shape and type of the input(s) and first output.
-
-    Several inputs are a user error unless ``multi_input`` (a runtime that can feed them: ``OrtCpuRuntime``);
-    the ``input_*`` fields then describe the first one and ``inputs`` all of them.
-    """
-    inputs = session.get_inputs()
-    if len(inputs) != 1 and not (multi_input and inputs):
-        names = ", ".join(i.name for i in inputs)
-        raise UserError(
-            f"{path} has {len(inputs)} inputs ({names}); this runtime runs single-input models",
-            hint="export the model with one input tensor, or use the ort-cpu runtime",
-        )
-    infos = tuple(
-        InputInfo(i.name, list(i.shape), i.type, np.dtype(ORT_DTYPES.get(i.type, np.float32))) for i in inputs
-    )
-    output = session.get_outputs()[0]
-    return SessionIO(
-        input_name=infos[0].name,
-        input_shape=infos[0].shape,
-        input_type=infos[0].type,
-        input_dtype=infos[0].dtype,
-        output_name=output.name,
-        output_shape=list(output.shape),
-        output_type=output.type,
-        inputs=infos,
-    )
+def session_io(session: Any) -> SessionIO:
+    """Name, shape and dtype of every input and output of an ``InferenceSession``."""
+    args = [*session.get_inputs(), *session.get_outputs()]
+    return SessionIO(tuple(_io_info(i) for i in session.get_inputs()),
+                     tuple(_io_info(o) for o in session.get_outputs()),
+                     {a.name: a.type for a in args})
 
 
-def rejected_input(path: Path, x: np.ndarray, expects: Any, exc: BaseException) -> UserError:
+def host_feeds(io: SessionIO, feeds: Any, what: str) -> dict[str, np.ndarray]:
+    """``feeds`` bound to the session's inputs (:func:`bind_feeds`) as contiguous arrays of their dtypes
+    (no copy for the float32 C-contiguous arrays the bench feeds; a copy only for odd inputs)."""
+    bound = bind_feeds(io.inputs, feeds, what)
+    return {i.name: np.ascontiguousarray(bound[i.name], dtype=i.dtype) for i in io.inputs}
+
+
+def rejected_input(path: Path, feeds: Mapping[str, Any], io: SessionIO, exc: BaseException) -> UserError:
     """A wrong shape/dtype for this graph is the user's input, not our bug: say which and what it expects."""
-    return UserError(f"{path.name} rejected input {list(x.shape)} (expects {expects}): {one_line(exc)}",
+    if len(feeds) == 1 and len(io.inputs) == 1:
+        got: Any = list(np.shape(next(iter(feeds.values()))))
+        expects: Any = list(io.inputs[0].shape or ())
+    else:
+        got = {n: list(np.shape(a)) for n, a in feeds.items()}
+        expects = {i.name: list(i.shape or ()) for i in io.inputs}
+    return UserError(f"{path.name} rejected input {got} (expects {expects}): {one_line(exc)}",
                      hint="check the input shape and batch size")
 
 

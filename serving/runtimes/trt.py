@@ -5,13 +5,15 @@ Why it is built this way:
   is a one-line error that says what to install (PyPI alone cannot provide it, see baseline.md §6).
 - Tensor-name I/O only (``num_io_tensors``, ``get_tensor_name``, ``get_tensor_mode``, ``set_input_shape``,
   ``set_tensor_address``, ``execute_async_v3``): the binding-index API was removed in TRT 10.
-- Device buffers are torch CUDA tensors (no pycuda): one input and one set of outputs per input shape,
-  allocated once, so no allocation is timed; their memory shows in ``torch.cuda.max_memory_allocated``.
+- Named inputs and outputs, any number of each: ``set_input_shape`` for every input, then every output's
+  shape from the context. Device buffers are torch CUDA tensors (no pycuda): one set of inputs and outputs
+  per combination of input shapes, allocated once, so no allocation is timed; their memory shows in
+  ``torch.cuda.max_memory_allocated``.
 - One execution context and one CUDA stream for the runtime's life (TensorRT#4015: creating them per call
   is a classic benchmark bug), and a stream synchronise before ``run`` returns (TensorRT#3747).
-- Transfers as in the other device runtimes: excluded by default (``stage(x)`` copies the input ahead of
-  time, runs on that array object reuse it; the output is copied on demand); ``include_transfer=True``
-  times both copies.
+- Transfers as in the other device runtimes: excluded by default (``stage(feeds)`` copies the inputs ahead
+  of time, runs on those array objects reuse them; outputs are copied on demand); ``include_transfer=True``
+  times every copy.
 - A JSON sidecar next to the engine (``model.plan.json``, else ``model.json``), written by the exporter,
   says how the engine was built (precision, shapes, TensorRT version); ``describe()`` reports it, and a
   deserialisation failure says when the engine was built by another TensorRT version.
@@ -19,6 +21,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ import numpy as np
 
 from lrdeploy.errors import UserError
 
-from .base import DeviceOutput, MeasuresMemory, cuda_device_info
+from .base import DeviceOutput, Feeds, IOInfo, MeasuresMemory, bind_feeds, cuda_device_info
 
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 _LIBS_HINT = "install the TensorRT libraries (libnvinfer) matching the Python package"
@@ -83,18 +86,19 @@ def _torch_dtype(trt: Any, torch: Any, trt_dtype: Any) -> Any:
 
 @dataclass
 class _Buffers:
-    """Device tensors for one input shape; ``generation`` counts runs that overwrote the outputs."""
+    """Device tensors for one combination of input shapes; ``generation`` counts runs that overwrote the
+    outputs; ``staged`` holds, per input, the host array object whose copy is in the input buffer."""
 
-    shape: tuple[int, ...]
-    input: Any
+    shapes: tuple[tuple[int, ...], ...]
+    inputs: dict[str, Any]
     outputs: dict[str, Any]
-    staged: np.ndarray | None = None
+    staged: dict[str, np.ndarray] = field(default_factory=dict)
     generation: int = 0
     output_shapes: dict[str, list[int]] = field(default_factory=dict)
 
 
 class TrtRuntime(MeasuresMemory):
-    """A deserialised TensorRT engine on GPU ``device_id``; single-input engines, first output returned."""
+    """A deserialised TensorRT engine on GPU ``device_id``: named inputs in, every output out."""
 
     backend = "tensorrt"
 
@@ -139,107 +143,121 @@ class TrtRuntime(MeasuresMemory):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(self.input_names) != 1:
-            listed = ", ".join(self.input_names)
-            raise UserError(f"{self.path} has {len(self.input_names)} inputs ({listed}); lrdeploy serving "
-                            "runs single-input models", hint="export with one input tensor")
+        if not self.input_names:
+            raise UserError(f"{self.path} has no inputs", hint="rebuild the engine")
         if not self.output_names:
             raise UserError(f"{self.path} has no outputs", hint="rebuild the engine")
-        self.input_name = self.input_names[0]
         self._dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
-        self._buffers: dict[tuple[int, ...], _Buffers] = {}
-        self._active: tuple[int, ...] | None = None
+        self._buffers: dict[tuple[tuple[int, ...], ...], _Buffers] = {}
+        self._active: tuple[tuple[int, ...], ...] | None = None
         self._np_dtypes: dict[Any, np.dtype] = {}
+        self._io = {n: IOInfo(n, self._numpy_dtype(self._dtypes[n]),
+                              tuple(None if int(d) < 0 else int(d) for d in self.engine.get_tensor_shape(n)))
+                    for n in names}
+
+    def inputs(self) -> list[IOInfo]:
+        return [self._io[n] for n in self.input_names]
+
+    def outputs(self) -> list[IOInfo]:
+        return [self._io[n] for n in self.output_names]
 
     # ------------------------------------------------------------------------------------------ buffers
-    def _profile(self) -> str:
+    def _profile(self, name: str) -> str:
         try:
-            lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
-            return f"the engine accepts {list(lo)} to {list(hi)}"
+            lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+            return f"the engine accepts {name} {list(lo)} to {list(hi)}"
         except Exception:  # static engines have no profile
-            return f"the engine was built for {list(self.engine.get_tensor_shape(self.input_name))}"
+            return f"the engine was built for {name} {list(self.engine.get_tensor_shape(name))}"
 
-    def _buffers_for(self, shape: tuple[int, ...]) -> _Buffers:
-        """Buffers for ``shape``, with the context's input shape and tensor addresses pointing at them."""
-        buf = self._buffers.get(shape)
-        switching = buf is None or self._active != shape
-        if switching and not self.context.set_input_shape(self.input_name, shape):
-            self._active = None  # the context's shape is now unknown: set it again on the next call
-            raise UserError(f"{self.path.name} rejected input {list(shape)}: {self._profile()}",
-                            hint="check the input shape and batch size, or rebuild with a wider profile")
+    def _buffers_for(self, shapes: tuple[tuple[int, ...], ...]) -> _Buffers:
+        """Buffers for these input shapes (graph order), with the context's input shapes and every tensor
+        address pointing at them."""
+        buf = self._buffers.get(shapes)
+        if buf is None or self._active != shapes:
+            for n, shape in zip(self.input_names, shapes, strict=True):
+                if not self.context.set_input_shape(n, shape):
+                    self._active = None  # the context's shapes are now unknown: set them again next call
+                    raise UserError(f"{self.path.name} rejected input {n} {list(shape)}: {self._profile(n)}",
+                                    hint="check the input shape and batch size, or rebuild with a wider "
+                                         "profile")
         if buf is None:
             torch = self._torch
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-                inp = torch.empty(shape, dtype=self._dtypes[self.input_name], device=self.device)
-                outputs, shapes = {}, {}
+                inputs = {n: torch.empty(s, dtype=self._dtypes[n], device=self.device)
+                          for n, s in zip(self.input_names, shapes, strict=True)}
+                outputs, out_shapes = {}, {}
                 for n in self.output_names:
                     out_shape = [int(d) for d in self.context.get_tensor_shape(n)]
                     if any(d < 0 for d in out_shape):
                         raise UserError(f"{self.path.name}: output {n!r} has a data-dependent shape "
                                         f"{out_shape}, which this runtime does not support")
                     outputs[n] = torch.empty(out_shape, dtype=self._dtypes[n], device=self.device)
-                    shapes[n] = out_shape
-            buf = self._buffers[shape] = _Buffers(shape, inp, outputs, output_shapes=shapes)
-        if self._active != shape:
-            self.context.set_tensor_address(self.input_name, buf.input.data_ptr())
-            for n, t in buf.outputs.items():
+                    out_shapes[n] = out_shape
+            buf = self._buffers[shapes] = _Buffers(shapes, inputs, outputs, output_shapes=out_shapes)
+        if self._active != shapes:
+            for n, t in (*buf.inputs.items(), *buf.outputs.items()):
                 self.context.set_tensor_address(n, t.data_ptr())
-            self._active = shape
+            self._active = shapes
         return buf
 
-    def _host(self, x: np.ndarray) -> np.ndarray:
+    def _bound(self, feeds: Feeds) -> tuple[dict[str, Any], _Buffers]:
+        bound = bind_feeds(self.inputs(), feeds, self.path.name)
+        shapes = tuple(tuple(int(d) for d in np.shape(bound[n])) for n in self.input_names)
+        return bound, self._buffers_for(shapes)
+
+    def _host(self, name: str, x: Any) -> np.ndarray:
         x = np.asarray(x)
-        if self._dtypes[self.input_name].is_floating_point:
+        if self._dtypes[name].is_floating_point:
             return np.ascontiguousarray(x, dtype=np.float32)  # cast to the engine's dtype on the device
         return np.ascontiguousarray(x)
 
-    def _copy_in(self, buf: _Buffers, x: np.ndarray) -> None:
-        buf.input.copy_(self._torch.from_numpy(self._host(x)))  # on self.stream (the caller's context)
+    def _copy_in(self, buf: _Buffers, name: str, x: Any) -> None:
+        buf.inputs[name].copy_(self._torch.from_numpy(self._host(name, x)))  # on self.stream (caller's)
 
     def _to_host(self, t: Any) -> np.ndarray:
         if t.dtype == self._torch.bfloat16 or "float8" in str(t.dtype):
             t = t.float()  # numpy has no bfloat16/fp8
         return t.cpu().numpy()
 
-    def stage(self, x: np.ndarray) -> None:
-        """Copy ``x`` into the device input buffer for its shape, untimed; runs on this array reuse it.
-
-        Matched by identity, not content: after changing ``x`` in place, stage it again.
-        """
+    def stage(self, feeds: Feeds) -> None:
+        """Copy every input into the device buffers for their shapes, untimed; runs on these same array
+        objects reuse them. Matched by identity, not content: after changing an array in place, stage it
+        again."""
         if self.include_transfer:
             return
         torch = self._torch
-        buf = self._buffers_for(tuple(np.shape(x)))
+        bound, buf = self._bound(feeds)
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            self._copy_in(buf, x)
+            for n, x in bound.items():
+                self._copy_in(buf, n, x)
         self.stream.synchronize()
-        buf.staged = x
+        buf.staged = dict(bound)
 
     # ------------------------------------------------------------------------------------------ running
-    def run(self, x: np.ndarray) -> Any:
+    def run(self, feeds: Feeds) -> dict[str, Any]:
         torch = self._torch
-        buf = self._buffers_for(tuple(np.shape(x)))
-        first = buf.outputs[self.output_names[0]]
+        bound, buf = self._bound(feeds)
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if self.include_transfer or buf.staged is not x:
-                self._copy_in(buf, x)
-                buf.staged = None  # the staged array's copy is gone from the buffer
+            for n, x in bound.items():
+                if self.include_transfer or buf.staged.get(n) is not x:
+                    self._copy_in(buf, n, x)
+                    buf.staged.pop(n, None)  # the staged array's copy is gone from the buffer
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.path.name} (see its log)")
             buf.generation += 1
             if self.include_transfer:
-                host = self._to_host(first)  # device→host on self.stream, blocking
+                hosts = {n: self._to_host(t) for n, t in buf.outputs.items()}  # on self.stream, blocking
                 self.stream.synchronize()
-                return host
+                return hosts
         self.stream.synchronize()
-        return DeviceOutput(lambda: self._to_host(first), first.shape, self._numpy_dtype(first.dtype),
-                            owner=buf)
+        return {n: DeviceOutput(functools.partial(self._to_host, t), t.shape, self._numpy_dtype(t.dtype),
+                                owner=buf) for n, t in buf.outputs.items()}
 
     def _numpy_dtype(self, torch_dtype: Any) -> np.dtype:
         cached = self._np_dtypes.get(torch_dtype)
         if cached is None:
-            cached = self._np_dtypes[torch_dtype] = self._to_host(
-                self._torch.empty(0, dtype=torch_dtype, device=self.device)).dtype
+            probe = self._torch.empty(0, dtype=torch_dtype)  # a host probe: the dtype _to_host yields
+            cached = self._np_dtypes[torch_dtype] = self._to_host(probe).dtype
         return cached
 
     # ------------------------------------------------------------------------------------------ describing
@@ -265,6 +283,8 @@ class TrtRuntime(MeasuresMemory):
             "transfers": ("timed (host→device and device→host in every run)" if self.include_transfer
                           else "excluded for staged inputs (stage(x)); output copied on demand"),
             "tensors": tensors,
+            "inputs": [i.describe() for i in self.inputs()],
+            "outputs": [o.describe() for o in self.outputs()],
             "optimization_profiles": int(engine.num_optimization_profiles),
             "activation_memory_bytes": int(activation) if activation is not None else None,
             "sidecar": self.sidecar,
@@ -277,3 +297,16 @@ class TrtRuntime(MeasuresMemory):
 
     def __repr__(self) -> str:
         return f"TrtRuntime({str(self.path)!r}, device={str(self.device)!r}, name={self.name!r})"
+
+
+def load(source: Path, *, threads: int | None, name: str, device_id: int = 0, include_transfer: bool = False,
+         **_: Any) -> TrtRuntime:
+    """The registry's loader (``trt``)."""
+    return TrtRuntime(source, threads=threads, name=name, device_id=device_id,
+                      include_transfer=include_transfer)
+
+
+from . import register_runtime  # noqa: E402
+
+register_runtime("trt", load, takes="engine", aliases=("tensorrt",),
+                 description="TensorRT engine (tensor-name API)")

@@ -84,11 +84,11 @@ def _golden(tmp_path: Path) -> Path:
 def test_check_refuses_a_bad_golden_json(lenet_bundle, tmp_path):
     bundle, golden = _copy_bundle(lenet_bundle, tmp_path), _golden(tmp_path)
     manifest = json.loads((golden / MANIFEST_FILE).read_text())
-    manifest["arrays"]["inputs"]["shape"] = [4, 1e12]
+    manifest["arrays"]["inputs/input"]["shape"] = [4, 1e12]
     (golden / MANIFEST_FILE).write_text(json.dumps(manifest))
     snap = Snapshot([tmp_path])
     proc = lrdeploy("check", bundle, "--golden", golden, "--json", tmp_path / "check.json")
-    assert_refused(proc, "golden.json", "arrays.inputs.shape[1] must be a non-negative integer",
+    assert_refused(proc, "golden.json", 'arrays["inputs/input"].shape[1] must be a non-negative integer',
                    "got 1000000000000.0")
     snap.assert_unchanged()
 
