@@ -47,13 +47,26 @@ def _num(v: Any) -> float | None:
 
 
 def score_metric(summary: Mapping[str, Any]) -> tuple[str, str]:
-    """(key, axis label) of the quality metric on the y axis: accuracy if any model has it, else BLEU."""
+    """(key, axis label) of the quality metric on the y axis: accuracy if any model has it, else the
+    headline metric of the models' task (``merge_reports``' ``headline``), else BLEU (older reports)."""
     models = summary.get("models") or []
     if any(_num(m.get("accuracy")) is not None for m in models):
         return "accuracy", "top-1 accuracy (%)"
+    for m in models:
+        headline = m.get("headline") or {}
+        if headline.get("key") and _num(headline.get("value")) is not None:
+            unit = " (%)" if _percent(m, headline["key"]) else ""
+            return str(headline["key"]), f"{headline.get('label') or headline['key']}{unit}"
     if any(_num((m.get("task") or {}).get("bleu")) is not None for m in models):
         return "bleu", "BLEU (0-100)"
     return "accuracy", "accuracy (%)"
+
+
+def _percent(model: Mapping[str, Any], key: str) -> bool:
+    """Whether the model's task shows ``key`` as a percentage (accuracy always is)."""
+    if key == "accuracy":
+        return True
+    return any(d.get("key") == key and d.get("percent") for d in model.get("metrics") or [])
 
 
 def points_of(summary: Mapping[str, Any]) -> list[Point]:
@@ -64,7 +77,7 @@ def points_of(summary: Mapping[str, Any]) -> list[Point]:
         score = _num(m.get("accuracy")) if key == "accuracy" else _num((m.get("task") or {}).get(key))
         if score is None:
             continue
-        if key == "accuracy":
+        if _percent(m, key):
             score *= 100.0
         latency = m.get("latency") or {}
         for batch in sorted(latency, key=lambda b: int(b)):

@@ -37,14 +37,18 @@ or shape), so the schema name stays ``lrdeploy.compare/1``.
         "precision": "fp16", "tolerance": {...serving.parity.Tolerance...} (+), "failures": [str, ...],
         "passed": bool (+)
       },
-      "accuracy": {                                     # task metric on real data (classifiers)
-        "dataset": "mnist", "split": "test", "samples": 10000,
-        "reference": 0.991, "candidate": 0.987, "delta": -0.004   # fractions in [0, 1]
-      },
-      "task": {                                         # (+) task metrics of non-classifiers (translation)
-        "task": "translation", "dataset": "multi30k", "split": "test", "samples": 1000, "languages": "de-en",
+      "task": {                                         # (+) the task's metrics on real data, any task
+        "task": "translation", "dataset": "multi30k", "split": "test", "samples": 1000,
+        "languages": "de-en",                           # (+) what the task says about its data
+        "metrics": [{"key": "bleu", "label": "BLEU", "higher_is_better": true, "points": 1.0,
+                     "percent": false}, ...],           # (+) how to show them (lrdeploy.tasks.Metric)
+        "headline": {"key", "label", "reference", "candidate", "delta"},   # (+) what budgets judge first
         "reference": {"loss", "perplexity", "token_accuracy", "bleu"}, "candidate": {...}, "delta": {...}
       },
+      "accuracy": {                                     # the task metric called accuracy, where there is
+        "dataset": "mnist", "split": "test", "samples": 10000,   # one (classifiers): an alias of task
+        "reference": 0.991, "candidate": 0.987, "delta": -0.004   # fractions in [0, 1]; kept for readers
+      },                                                # of reports made before the task section
       "latency": {                                      # keyed by batch size (string in JSON)
         "1":  {"reference": LatencyStats, "candidate": LatencyStats, "speedup": 1.93,
                "round_ratios": [1.95, 1.91, 1.93], "ratio_spread": 1.02},   # spread = max/min ratio
@@ -326,8 +330,7 @@ def _compare_rows(report: Mapping[str, Any]) -> tuple[str, str | None, _Rows]:
     rows = _Rows()
     for name, build in (
         ("Models", lambda: _summary_rows(rows, ref, cand)),
-        ("Accuracy", lambda: _accuracy_rows(rows, _d(report, "accuracy"))),
-        ("Task metrics", lambda: _task_rows(rows, _d(report, "task"))),
+        ("Task metrics", lambda: _quality_rows(rows, report)),
         ("Latency", lambda: _latency_rows(rows, latency)),
         ("Parity", lambda: _parity_rows(rows, _d(report, "parity"))),
         ("Budget", lambda: _budget_rows(rows, _d(report, "budget"))),
@@ -514,7 +517,33 @@ def _parity_rows(table: _Rows, parity: Mapping[str, Any]) -> None:
     table.add_section()
 
 
-# task metrics of models that are not classifiers: (key, label, formatter, higher is better)
+def _quality_rows(table: _Rows, report: Mapping[str, Any]) -> None:
+    """The task's metrics (the ``task`` section); reports made before it hold ``accuracy`` only."""
+    task = _d(report, "task")
+    if task:
+        _task_rows(table, task)
+    else:
+        _accuracy_rows(table, _d(report, "accuracy"))
+
+
+def metric_descriptors(task: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """How to show a task section's metrics: its own ``metrics`` descriptors, else (reports made before
+    them) the translation metrics they held."""
+    described = [m for m in task.get("metrics") or [] if isinstance(m, Mapping) and m.get("key")]
+    if described:
+        return [dict(m) for m in described]
+    return [{"key": k, "label": label, "higher_is_better": higher, "percent": k == "token_accuracy",
+             "points": 100.0 if k == "token_accuracy" else 1.0} for k, label, _fmt, higher in _TASK_ROWS]
+
+
+def metric_text(value: Any, metric: Mapping[str, Any]) -> str:
+    v = _num(value)
+    if v is None:
+        return _NA
+    return _pct(v) if metric.get("percent") else (f"{v:.2f}" if abs(v) >= 10 else f"{v:.3f}")
+
+
+# task metrics of reports made before the task section carried its descriptors (translation)
 _TASK_ROWS: tuple[tuple[str, str, Any, bool], ...] = (
     ("bleu", "BLEU", lambda v: _NA if _num(v) is None else f"{_num(v):.2f}", True),
     ("perplexity", "perplexity", lambda v: _NA if _num(v) is None else f"{_num(v):.3f}", False),
@@ -524,25 +553,32 @@ _TASK_ROWS: tuple[tuple[str, str, Any, bool], ...] = (
 
 
 def _task_rows(table: _Rows, task: Mapping[str, Any]) -> None:
-    """The ``task`` section: e.g. translation perplexity/BLEU of reference and candidate."""
-    if not task:
-        return
+    """The ``task`` section: every metric the task describes, reference and candidate, the change in its
+    points (percentage points for fractions), coloured by which way is better; then any other numbers."""
     ref, cand = _d(task, "reference"), _d(task, "candidate")
     where = " ".join(str(task[k]) for k in ("dataset", "split") if task.get(k))
     n = task.get("samples")
     suffix = f" ({where}" + (f", n={n:,})" if isinstance(n, int) else ")") if where else ""
-    for key, label, fmt, higher in _TASK_ROWS:
+    metrics = metric_descriptors(task)
+    described = {m["key"] for m in metrics}
+    extra = [{"key": k, "label": k.replace("_", " "), "higher_is_better": None, "points": 1.0,
+              "percent": False} for k in dict.fromkeys([*ref, *cand]) if k not in described
+             and (_num(ref.get(k)) is not None or _num(cand.get(k)) is not None)]
+    for metric in [*metrics, *extra]:
+        key = metric["key"]
         if key not in ref and key not in cand:
             continue
         r, c = _num(ref.get(key)), _num(cand.get(key))
         change = Text(_NA)
         if r is not None and c is not None:
-            d = c - r
-            scale = 100 if key == "token_accuracy" else 1
-            unit = " pp" if key == "token_accuracy" else ""
-            good = d > 0 if higher else d < 0
-            change = Text(f"{scale * d:+.3g}{unit}", style="" if d == 0 else ("green" if good else "red"))
-        table.add_row(f"{label}{suffix}", fmt(ref.get(key)), fmt(cand.get(key)), change)
+            d = (c - r) * float(metric.get("points") or 1.0)
+            higher = metric.get("higher_is_better")
+            good = None if higher is None else (d > 0 if higher else d < 0)
+            unit = " pp" if metric.get("percent") else ""
+            style = "" if d == 0 or good is None else ("green" if good else "red")
+            change = Text(f"{d:+.2f}{unit}" if metric.get("percent") else f"{d:+.3g}", style=style)
+        table.add_row(f"{metric.get('label', key)}{suffix}", metric_text(ref.get(key), metric),
+                      metric_text(cand.get(key), metric), change)
     table.add_section()
 
 
@@ -833,7 +869,8 @@ def merge_reports(reports: Sequence[Mapping[str, Any]],
          "dataset": "mnist test, n=10,000",
          "models": [{"name", "role": "reference"|"candidate", "source", "model", "method", "kind", "params",
                      "flops", "onnx_bytes", "weights_bytes" (+), "trained": {"params", "flops"} | null (+),
-                     "accuracy", "task": {...}, "vs": reference name,
+                     "accuracy", "task": {metric: value}, "metrics": [descriptor] (+),
+                     "headline": {"key", "label", "value"} (+), "vs": reference name,
                      "latency": {batch: {"median_ms", "p90_ms", "p99_ms", "throughput"}},
                      "speedup": {batch: float}, "parity": {"precision", "passed", "rel_l2", "top1_agreement",
                      "failures"}, "budget_passed", "runs": [run indices]}],
@@ -889,7 +926,7 @@ def merge_reports(reports: Sequence[Mapping[str, Any]],
             profile[by_key[key]["name"] if key else runtime] = ops
         profile_batch = profile_batch or batch
         caption = caption or _environment_caption(_d(report, "environment"))
-        acc = _d(report, "accuracy") or _d(report, "task")
+        acc = _d(report, "task") or _d(report, "accuracy")
         if acc.get("dataset"):
             n = acc.get("samples")
             datasets.append(" ".join(str(acc[k]) for k in ("dataset", "split") if acc.get(k))
@@ -928,6 +965,7 @@ def _new_model_entry(summary: Mapping[str, Any], role: str) -> dict[str, Any]:
         "trained": dict(_d(summary, "trained")) or None,
         "accuracy": None,
         "task": {},
+        "metrics": [],
         "parity": None,
         "budget_passed": None,
         "runs": [],
@@ -935,12 +973,19 @@ def _new_model_entry(summary: Mapping[str, Any], role: str) -> dict[str, Any]:
 
 
 def _fill_quality(entry: dict[str, Any], report: Mapping[str, Any], role: str) -> None:
-    acc = _num(_d(report, "accuracy").get(role))
-    if acc is not None and entry["accuracy"] is None:
-        entry["accuracy"] = acc
-    task = _d(_d(report, "task"), role)
+    section = _d(report, "task")
+    task = _d(section, role)
     if task and not entry["task"]:
         entry["task"] = dict(task)
+        entry["metrics"] = metric_descriptors(section) if section.get("metrics") else []
+        headline = _d(section, "headline")
+        if headline.get("key"):
+            entry["headline"] = {"key": headline["key"], "label": headline.get("label"),
+                                 "value": _num(task.get(headline["key"]))}
+    acc = _num(task.get("accuracy")) if task else None
+    acc = acc if acc is not None else _num(_d(report, "accuracy").get(role))
+    if acc is not None and entry["accuracy"] is None:
+        entry["accuracy"] = acc
     if role == "candidate":
         parity = _d(report, "parity")
         if parity:
@@ -970,11 +1015,10 @@ def _unique_names(entries: list[dict[str, Any]]) -> None:
 def _summary_columns(summary: Mapping[str, Any], tails: bool = True) -> tuple[list[str], list[list[Any]]]:
     models = summary.get("models") or []
     batches = sorted({b for m in models for b in (m.get("latency") or {})}, key=_batch_key)
-    has_task = any(m.get("task") for m in models)
     has_trained = any(_trained_differs(m, "params") for m in models)
-    header = ["model", "role", "params", *([f"params ({TRAINED_LABEL})"] if has_trained else []), "accuracy"]
-    if has_task:
-        header += ["BLEU", "perplexity"]
+    metrics = _summary_metrics(models)
+    header = ["model", "role", "params", *([f"params ({TRAINED_LABEL})"] if has_trained else []),
+              *(str(m.get("label") or m["key"]) for m in metrics)]
     for b in batches:
         header += [f"b{b} median", *([f"b{b} p99"] if tails else []), f"b{b} speed-up"]
     header += ["parity", "budget"]
@@ -983,11 +1027,9 @@ def _summary_columns(summary: Mapping[str, Any], tails: bool = True) -> tuple[li
         row: list[Any] = [str(m.get("name")), str(m.get("role")), _scalar(m.get("params"))]
         if has_trained:
             row.append(_trained_cell(m, "params", _scalar))
-        row.append(_pct(m.get("accuracy")))
-        if has_task:
-            task = m.get("task") or {}
-            row += [_NA if _num(task.get("bleu")) is None else f"{task['bleu']:.2f}",
-                    _NA if _num(task.get("perplexity")) is None else f"{task['perplexity']:.3f}"]
+        values = {**(m.get("task") or {}), **({"accuracy": m["accuracy"]} if m.get("accuracy") is not None
+                                               else {})}
+        row += [metric_text(values.get(metric["key"]), metric) for metric in metrics]
         for b in batches:
             lat = (m.get("latency") or {}).get(b) or {}
             row += [_ms(lat.get("median_ms")), *([_ms(lat.get("p99_ms"))] if tails else [])]
@@ -1004,6 +1046,21 @@ def _summary_columns(summary: Mapping[str, Any], tails: bool = True) -> tuple[li
         row.append(_verdict(m.get("budget_passed")))
         rows.append(row)
     return header, rows
+
+
+def _summary_metrics(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The metric columns of a summary: every metric the models' tasks describe (first seen first), the
+    accuracy column of reports made before descriptors, and BLEU/perplexity of their translations."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in models:
+        for metric in m.get("metrics") or []:
+            out.setdefault(metric["key"], dict(metric))
+    if any(m.get("accuracy") is not None for m in models) or not out:
+        out.setdefault("accuracy", {"key": "accuracy", "label": "accuracy", "percent": True})
+    if any(not m.get("metrics") and m.get("task") for m in models):  # translation, before descriptors
+        for key, label in (("bleu", "BLEU"), ("perplexity", "perplexity")):
+            out.setdefault(key, {"key": key, "label": label, "percent": False})
+    return list(out.values())
 
 
 def render_summary_table(summary: Mapping[str, Any]) -> Table:
@@ -1106,8 +1163,8 @@ def _write_files(out_dir: str | Path, flag: str, names: Sequence[str], write: An
 
 
 def render_check_table(result: Mapping[str, Any]) -> Table:
-    """The result of a golden check (``lrdeploy.check/1``): accuracy on the golden inputs, then per output
-    every parity statistic with its limit and verdict."""
+    """The result of a golden check (``lrdeploy.check/1``): top-1 accuracy on the golden inputs (where the
+    set holds class labels), then per output every parity statistic with its limit and verdict."""
     rows = _Rows()
     rows.begin("Accuracy")
     _accuracy_rows(rows, _d(result, "accuracy"))

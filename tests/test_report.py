@@ -208,7 +208,7 @@ def _judged_report() -> dict:
 def test_markdown_holds_the_key_numbers():
     md = render_markdown(_judged_report(), plot="plot.png")
     assert md.startswith("# lrdeploy compare: lenet5-dense vs lenet5-svd\n")
-    for needle in ("`lrdeploy compare a.onnx b.onnx --precision fp16`", "## Models", "## Accuracy",
+    for needle in ("`lrdeploy compare a.onnx b.onnx --precision fp16`", "## Models", "## Task metrics",
                    "## Latency", "## Parity", "## Budget", "## Verdict", "61,706", "20,000", "99.12 %",
                    "98.71 %", "-0.41 pp", "0.200 ms", "2.00× faster", "1.06× slower", "1.23e-02",
                    "≤ 0.005 MISS", "5.00e-02", "≤ 0.01 MISS", "98.70 %", "99.60 %", "≥ 0.98 ok",
@@ -309,6 +309,33 @@ def test_task_section_and_notes_render():
     assert "- latency not measured" in render_markdown(report)
 
 
+def test_any_task_renders_from_its_metric_descriptors_and_merges():
+    """A task the renderer has never heard of: its section says how to show each metric."""
+    section = {"task": "embedding", "dataset": "multi30k-en", "split": "test", "samples": 64,
+               "metrics": [{"key": "cosine_mean", "label": "mean cosine", "higher_is_better": True,
+                            "points": 100.0, "percent": True},
+                           {"key": "retrieval_top10", "label": "top-10 retrieval agreement",
+                            "higher_is_better": True, "points": 100.0, "percent": True}],
+               "headline": {"key": "cosine_mean", "label": "mean cosine", "reference": 1.0,
+                            "candidate": 0.962, "delta": -0.038},
+               "reference": {"cosine_mean": 1.0, "retrieval_top10": 1.0, "seconds": 2.5},
+               "candidate": {"cosine_mean": 0.962, "retrieval_top10": 0.9, "seconds": 1.25}}
+    report = {"schema": SCHEMA, "reference": {"name": "dense", "source": "d.onnx"},
+              "candidate": {"name": "asvd", "source": "c.onnx"}, "task": section,
+              "latency": {"1": {"reference": _stats(2.0, 1), "candidate": _stats(1.0, 1), "speedup": 2.0}}}
+    out = _text(render_compare_table(report))
+    for needle in ("mean cosine (multi30k-en test, n=64)", "100.00 %", "96.20 %", "-3.80 pp",
+                   "top-10 retrieval agreement", "-10.00 pp", "seconds", "-1.25"):
+        assert needle in out, needle
+    summary = merge_reports([report])
+    asvd = summary["models"][1]
+    assert asvd["headline"] == {"key": "cosine_mean", "label": "mean cosine", "value": 0.962}
+    assert asvd["accuracy"] is None and summary["dataset"] == "multi30k-en test, n=64"
+    md = render_summary_markdown(summary)
+    assert "| model | role | params | mean cosine | top-10 retrieval agreement |" in md
+    assert "| asvd | candidate | — | 96.20 % | 90.00 % |" in md
+
+
 def test_profile_is_normalised_from_several_shapes():
     assert profile_totals({"dense": {"Conv": 1.0, "Gemm": 0.5}}) == {"dense": {"Conv": 1.0, "Gemm": 0.5}}
     assert profile_totals({"runtimes": {"dense": {"by_op_type": {"Conv": {"total_us": 1500}}}}}) == \
@@ -376,3 +403,18 @@ def test_compare_two_translation_bundles(tiny_translation, data_dir, tmp_path, m
     assert any("latency" in n for n in report["notes"])
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Task metrics" in md and "perplexity (multi30k test, n=24)" in md and "BLEU" in md
+
+
+def test_plot_axis_follows_the_headline_metric_of_any_task():
+    from lrdeploy.serving.plot import points_of, score_metric
+
+    section = {"task": "embedding", "dataset": "x", "metrics": [
+        {"key": "cosine_mean", "label": "mean cosine", "higher_is_better": True, "points": 100.0,
+         "percent": True}], "headline": {"key": "cosine_mean", "label": "mean cosine"},
+        "reference": {"cosine_mean": 1.0}, "candidate": {"cosine_mean": 0.95}}
+    report = {"schema": SCHEMA, "reference": {"name": "dense", "source": "d.onnx"},
+              "candidate": {"name": "lr", "source": "c.onnx"}, "task": section,
+              "latency": {"1": {"reference": _stats(2.0, 1), "candidate": _stats(1.0, 1), "speedup": 2.0}}}
+    summary = merge_reports([report])
+    assert score_metric(summary) == ("cosine_mean", "mean cosine (%)")
+    assert [(p.model, p.score) for p in points_of(summary)] == [("d", 100.0), ("lr", 95.0)]  # d.onnx
