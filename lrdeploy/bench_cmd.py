@@ -25,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -121,6 +120,8 @@ def bench_inputs(labels: Sequence[str], runtimes: Mapping[str, Any], input_shape
     A dynamic non-batch dimension needs a size: ``--dim NAME=SIZE`` for a named one, or ``--input-shape``
     for a one-input graph; nothing is guessed.
     """
+    import numpy as np
+
     override = parse_int_list(input_shape, "--input-shape", "1,28,28") if input_shape is not None else None
     per_model = {}
     for label in labels:
@@ -323,6 +324,8 @@ def _shape_sizes(inputs: Sequence[tuple[Any, tuple[int, ...]]]) -> dict[str, int
 def _check_feeds_fit(inputs: Sequence[tuple[Any, tuple[int, ...]]], batch_sizes: Sequence[int]) -> None:
     """The largest batch of every input together must fit in available memory (cli_checks.check_fits)."""
     import math
+
+    import numpy as np
 
     per_sample = sum(np.dtype(i.dtype).itemsize * math.prod(dims) for i, dims in inputs)
     batch = max(batch_sizes)

@@ -1,11 +1,11 @@
 """Runtimes: one small module per backend behind one protocol (:class:`Runtime`: ``inputs()``,
 ``outputs()``, ``run(feeds) -> outputs``, ``describe()``), registered by kind.
 
-A backend is a module with a runtime class and a loader, plus its ``register_runtime`` line below: nothing
-else dispatches on the kind, and CLI choices (``--runtime``) are read from this registry. Loaders import
-their backend lazily, so importing serving never pulls in onnxruntime, torch or tensorrt unless that backend
-is used, and a missing optional backend (or missing hardware) fails with a one-line error that says what is
-missing.
+A backend is a module with a runtime class and a ``load`` function, plus its ``register_runtime`` line at
+the end of this file: nothing else dispatches on the kind, and CLI choices (``--runtime``) are read from this
+registry. The registry imports no backend (nor numpy): a backend module is imported when its kind is first
+loaded, and imports onnxruntime, torch or tensorrt only then, so the CLI starts fast and a missing optional
+backend (or missing hardware) fails with a one-line error that says what is missing.
 
 | kind           | takes             | module              | notes                                          |
 |----------------|-------------------|---------------------|------------------------------------------------|
@@ -19,25 +19,29 @@ missing.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrdeploy.errors import UserError
 
-from .base import (
-    DeviceOutput,
-    IOInfo,
-    Runtime,
-    available_cpus,
-    bind_feeds,
-    first_output,
-    measure_memory,
-    resolve_threads,
-    run_single,
-    to_numpy,
-)
+if TYPE_CHECKING:
+    from .base import Runtime
+
+# The protocol's helpers, read from .base when first used (it imports numpy): ``from
+# lrdeploy.serving.runtimes import IOInfo`` works, and ``import lrdeploy.serving.runtimes`` stays light.
+_BASE_NAMES = ("DeviceOutput", "IOInfo", "Runtime", "available_cpus", "bind_feeds", "first_output",
+               "measure_memory", "resolve_threads", "run_single", "to_numpy")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE_NAMES:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 TAKES = {"module": "an nn.Module", "onnx": "an .onnx file", "engine": "a serialised TensorRT engine "
          "(.plan/.engine)"}
@@ -154,12 +158,27 @@ def load_runtime(kind: str, source: Any, *, threads: int | None = None, name: st
                         device_id=device_id, dtype=dtype)
 
 
-# Registration: each backend module registers its kinds when imported (cheap: backends import lazily).
-from . import ort_cpu as _ort_cpu  # noqa: E402,F401
-from . import ort_cuda as _ort_cuda  # noqa: E402,F401
-from . import torch_runtime as _torch_runtime  # noqa: E402,F401
-from . import trt as _trt  # noqa: E402,F401
+def backend(module: str, function: str = "load") -> Callable[..., Runtime]:
+    """A loader that imports ``serving.runtimes.<module>`` on first use and calls its ``function``."""
+    def loader(source: Any, **options: Any) -> Runtime:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(source, **options)
 
-__all__ = ["DeviceOutput", "IOInfo", "Runtime", "RuntimeKind", "available_cpus", "bind_feeds",
-           "canonical_kind", "describe_kinds", "first_output", "get_runtime_kind", "load_runtime",
-           "measure_memory", "register_runtime", "resolve_threads", "run_single", "runtime_kinds", "to_numpy"]
+    loader.__qualname__ = f"{module}.{function}"
+    return loader
+
+
+# Registration: one line per backend kind.
+register_runtime("ort-cpu", backend("ort_cpu"), takes="onnx", aliases=("ort", "onnxruntime"),
+                 description="ONNX Runtime, CPUExecutionProvider")
+register_runtime("ort-cuda", backend("ort_cuda"), takes="onnx", aliases=("ort-gpu", "onnxruntime-cuda"),
+                 description="ONNX Runtime, CUDAExecutionProvider with I/O binding")
+register_runtime("torch-cpu", backend("torch_runtime"), takes="module", aliases=("torch",), dtypes=True,
+                 description="PyTorch eager on the CPU")
+register_runtime("torch-cuda", backend("torch_runtime", "load_cuda"), takes="module",
+                 aliases={"torch-cuda-graph": "cuda-graph"}, modes=("eager", "cuda-graph"), dtypes=True,
+                 description="PyTorch on a CUDA GPU, eager or CUDA-graph replay")
+register_runtime("trt", backend("trt"), takes="engine", aliases=("tensorrt",),
+                 description="TensorRT engine (tensor-name API)")
+
+__all__ = [*_BASE_NAMES, "RuntimeKind", "backend", "canonical_kind", "describe_kinds", "get_runtime_kind",
+           "load_runtime", "register_runtime", "runtime_kinds"]

@@ -68,9 +68,3 @@ def load(source: Path, *, threads: int | None, name: str, **_: Any) -> OrtCpuRun
 
     _import_ort()  # a missing onnxruntime: one line saying what to install
     return OrtCpuRuntime(source, threads=threads, name=name)
-
-
-from . import register_runtime  # noqa: E402
-
-register_runtime("ort-cpu", load, takes="onnx", aliases=("ort", "onnxruntime"),
-                 description="ONNX Runtime, CPUExecutionProvider")

@@ -175,9 +175,3 @@ def load(source: Path, *, threads: int | None, name: str, device_id: int = 0, in
         raise UserError(f"onnxruntime is not installed ({exc})", hint="pip install onnxruntime-gpu") from None
     return OrtCudaRuntime(source, threads=threads, name=name, device_id=device_id,
                           include_transfer=include_transfer)
-
-
-from . import register_runtime  # noqa: E402
-
-register_runtime("ort-cuda", load, takes="onnx", aliases=("ort-gpu", "onnxruntime-cuda"),
-                 description="ONNX Runtime, CUDAExecutionProvider with I/O binding")

@@ -316,10 +316,6 @@ def load(source: Any, *, threads: int | None, name: str, mode: str | None = None
                         include_transfer=include_transfer, dtype=dtype or "float32")
 
 
-from . import register_runtime  # noqa: E402
-
-register_runtime("torch-cpu", load, takes="module", aliases=("torch",), dtypes=True,
-                 description="PyTorch eager on the CPU")
-register_runtime("torch-cuda", functools.partial(load, device="cuda"), takes="module",
-                 aliases={"torch-cuda-graph": "cuda-graph"}, modes=MODES, dtypes=True,
-                 description="PyTorch on a CUDA GPU, eager or CUDA-graph replay")
+def load_cuda(source: Any, **options: Any) -> TorchRuntime:
+    """The registry's loader for ``torch-cuda``."""
+    return load(source, **{**options, "device": "cuda"})

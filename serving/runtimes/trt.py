@@ -304,9 +304,3 @@ def load(source: Path, *, threads: int | None, name: str, device_id: int = 0, in
     """The registry's loader (``trt``)."""
     return TrtRuntime(source, threads=threads, name=name, device_id=device_id,
                       include_transfer=include_transfer)
-
-
-from . import register_runtime  # noqa: E402
-
-register_runtime("trt", load, takes="engine", aliases=("tensorrt",),
-                 description="TensorRT engine (tensor-name API)")
