@@ -143,3 +143,33 @@ def test_trt_engine_matches_ort_cpu(onnx_path, tmp_path):
 
     with pytest.raises(UserError, match="rejected input"):
         run_single(rt, np.zeros((64, 12), dtype=np.float32))  # outside the profile
+
+
+def test_two_input_model_on_torch_cuda_and_ort_cuda_matches_the_cpu(tmp_path):
+    """Named inputs on the device runtimes: token ids + mask, staged by name; two named outputs."""
+    from .test_runtimes import _two_feeds, _TwoInputs
+
+    torch.manual_seed(0)
+    module = _TwoInputs().eval()
+    cpu = load_runtime("torch-cpu", module, threads=1)
+    feeds = _two_feeds(3, 7)
+    want = cpu.run(feeds)
+    for mode in ("eager", "cuda-graph"):
+        gpu = load_runtime("torch-cuda", module, threads=1, mode=mode)
+        gpu.stage(feeds)
+        got = gpu.run(feeds)
+        assert list(got) == ["pooled", "scores"]
+        for name in want:
+            _close(got[name], want[name])
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(module, module.example_inputs(2), str(path), dynamo=False, opset_version=17,
+                      input_names=list(module.input_names), output_names=list(module.output_names),
+                      dynamic_axes=module.dynamic_axes())
+    rt = load_runtime("ort-cuda", path, threads=1)
+    rt.stage(feeds)
+    got = rt.run(feeds)
+    for name in want:
+        _close(got[name], want[name])
