@@ -69,8 +69,8 @@ from lrdeploy.exporters.optimize import (
     op_histogram,
     random_feeds,
 )
+from lrdeploy.parity_stats import Tolerance, describe_nonfinite, judge, nonfinite_counts, output_parity
 from lrdeploy.parity_stats import accuracy as top1_accuracy
-from lrdeploy.parity_stats import describe_nonfinite, judge, nonfinite_counts, output_parity
 
 PRECISIONS = ("fp16", "bf16", "int8")
 MODEL_KINDS = ("auto", "dynamic", "static", "trt")
@@ -445,12 +445,12 @@ def token_rows(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None
 
 def _judge_outputs(
     ref: list[np.ndarray], cand: list[np.ndarray], precision: str, labels: np.ndarray | None,
-    max_accuracy_drop: float | None,
+    max_accuracy_drop: float | None, tolerance: Tolerance | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
     ref, cand = list(ref), list(cand)
     if labels is not None or ref[0].ndim == 3:  # sequence scores: one row per (non-padding) token
         ref[0], cand[0], labels = token_rows(ref[0], cand[0], labels)
-    verdicts = [judge(output_parity(r, c), precision) for r, c in zip(ref, cand, strict=True)]
+    verdicts = [judge(output_parity(r, c), tolerance or precision) for r, c in zip(ref, cand, strict=True)]
     failures = [f for i, v in enumerate(verdicts) for f in
                 (v["failures"] if len(verdicts) == 1 else [f"output {i}: {f}" for f in v["failures"]])]
     parity = dict(verdicts[0])
@@ -480,7 +480,8 @@ def _check_reference_finite(ref_out: Sequence[np.ndarray]) -> None:
 
 
 def _evaluate(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: Mapping[str, np.ndarray], precision: str,
-              labels: np.ndarray | None, max_accuracy_drop: float | None, batch_size: int) -> _Verdict:
+              labels: np.ndarray | None, max_accuracy_drop: float | None, batch_size: int,
+              tolerance: Tolerance | None = None) -> _Verdict:
     """Run both graphs on ``feeds`` (the variant on the examples its runner could afford) and judge."""
     cand_out, judged_by = _variant_outputs(cand, feeds, precision, batch_size)
     if cand_out is None:
@@ -489,7 +490,7 @@ def _evaluate(ref: onnx.ModelProto, cand: onnx.ModelProto, feeds: Mapping[str, n
     ref_out = _run_all(ref.SerializeToString(), {k: v[:n] for k, v in feeds.items()}, batch_size)
     _check_reference_finite(ref_out)
     y = None if labels is None else np.asarray(labels)[:n]
-    parity, acc, failures = _judge_outputs(ref_out, cand_out, precision, y, max_accuracy_drop)
+    parity, acc, failures = _judge_outputs(ref_out, cand_out, precision, y, max_accuracy_drop, tolerance)
     return _Verdict(parity, acc, failures, not failures, judged_by, n)
 
 
@@ -661,6 +662,7 @@ def convert_precision(
     per_channel: bool = True,
     batch_size: int = 64,
     speed_budget_s: float | None = SPEED_BUDGET_S,
+    tolerance: Tolerance | None = None,
 ) -> PrecisionResult:
     """Write the ``precision`` variant of the fp32 graph ``src`` to ``dst`` and judge it (module docstring).
 
@@ -671,7 +673,9 @@ def convert_precision(
     drop above ``max_accuracy_drop``) is reported in ``failures``; a variant that could not be run at all
     (bf16 beyond onnx.reference's budget) has ``passed`` None. ``strict=True`` raises a UserError in both
     cases instead, and nothing is written. ``speed_budget_s``: seconds of A/B timing against fp32 at batch 1
-    (:func:`time_vs_fp32`; ``speed_vs_fp32`` in the result), None or 0 to skip it.
+    (:func:`time_vs_fp32`; ``speed_vs_fp32`` in the result), None or 0 to skip it. ``tolerance``: limits
+    that replace the precision's preset, for outputs the preset does not fit (a task's own, e.g. an
+    embedding's, whose arg-max means nothing).
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}", f"choose one of: {', '.join(PRECISIONS)}")
@@ -687,7 +691,7 @@ def convert_precision(
     copy_metadata(proto, out, {META_PRECISION: conv.method})
     data, compared_on = _comparison_data(proto, test_inputs, calibration, labels)
     y = None if labels is None else np.asarray(labels)
-    v = _evaluate(proto, out, _as_feeds(proto, data), precision, y, max_accuracy_drop, batch_size)
+    v = _evaluate(proto, out, _as_feeds(proto, data), precision, y, max_accuracy_drop, batch_size, tolerance)
     if strict and not v.passed:
         why = "; ".join(v.failures) if v.failures else v.judged_by
         verdict = "misses its tolerance" if v.failures else "was not judged"

@@ -323,6 +323,8 @@ def compress(
     data_dir: Path | None = DataDir,
     download: bool = Download,
     limit_train: int | None = typer.Option(None, "--limit-train", min=1),
+    limit_test: int | None = typer.Option(None, "--limit-test", min=1,
+                                          help="Evaluate on the first N test examples only."),
     lr: float | None = typer.Option(None, "--lr",
                              help="Fine-tuning learning rate (default 0.01; translation: 3e-4, AdamW)."),
     seed: int = typer.Option(0, "--seed"),
@@ -358,9 +360,25 @@ def compress(
         force=force,
         activation_aware=activation_aware,
         calib_samples=calib_samples,
+        limit_test=limit_test,
     )
     console.print(result["table"])
+    _print_test_metrics(bundle, result["metrics"])
     console.print(f"low-rank bundle written to [bold]{out}[/]")
+
+
+def _print_test_metrics(bundle: Path, metrics: dict[str, Any]) -> None:
+    """One line with the task's metrics on the test split (after fine-tuning, if any), when evaluated."""
+    from lrdeploy.bundle import read_manifest
+    from lrdeploy.tasks import manifest_task
+
+    shown = []
+    for metric in manifest_task(read_manifest(bundle)).metrics():
+        value = metrics.get(f"test_{metric.key}")
+        if isinstance(value, (int, float)):
+            shown.append(f"{metric.label} {value:.2%}" if metric.percent else f"{metric.label} {value:.2f}")
+    if shown:
+        console.print("test " + ", ".join(shown))
 
 
 @app.command()

@@ -199,7 +199,7 @@ class Outputs:
 
 
 EXPORT_SUFFIXES = (".onnx", ".ort.onnx", ".fold.json", ".fp16.onnx", ".bf16.onnx", ".int8.onnx",
-                   ".int8.trt.onnx", ".plan", ".plan.json")
+                   ".int8.trt.onnx", ".plan", ".plan.json", ".tokenizer.json")
 
 
 def export_family(out: Path) -> list[str]:

@@ -175,11 +175,12 @@ def init_bundle(*, model_name: str, num_classes: int | None, checkpoint: Path | 
     chosen = model_task(spec, task)
     classifier = "num_classes" in inspect.signature(spec.builder).parameters
     if num_classes is not None and not classifier:  # e.g. the translation Transformer: vocabularies instead
-        kind = ("a translation model (source and target vocabularies, no classes)" if spec.multi_input
-                else "not a classifier")
+        kind = ("a translation model (source and target vocabularies, no classes)"
+                if spec.task == "translation" else "not a classifier")
         raise UserError(f"--num-classes does not apply: model '{spec.name}' is {kind}",
                         f"drop --num-classes; `lrdeploy init --model {spec.name}` builds it at its defaults")
-    args: dict[str, Any] = {}
+    # a Hugging Face folder is recorded by its absolute path: the bundle then loads from any directory
+    args: dict[str, Any] = dict(spec.default_args) if spec.source == "hf" else {}
     if classifier and (num_classes or spec.num_classes):
         args["num_classes"] = num_classes or spec.num_classes
     args.update(model_args or {})
@@ -243,6 +244,7 @@ def compress_bundle(
     force: bool = False,
     activation_aware: bool = False,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    limit_test: int | None = None,
 ) -> dict[str, Any]:
     """Post-training path: SVD-compress a bundle, evaluate, optionally fine-tune, write a low-rank bundle.
 
@@ -290,7 +292,8 @@ def compress_bundle(
 
     model, metrics, train_record = evaluate_and_finetune(
         model, task, src.manifest, ds_name, data_dir=data_dir, epochs=finetune_epochs,
-        limit_train=limit_train, lr=lr, seed=seed, progress=progress, source=bundle_path)
+        limit_train=limit_train, lr=lr, seed=seed, progress=progress, source=bundle_path,
+        limit_test=limit_test)
     extra = task.manifest_extra_from(src.manifest) or None
 
     method = {
@@ -317,10 +320,12 @@ def compress_bundle(
         input_shape=src.input_shape,
         extra=extra,
     )
+    table = _compression_table(report, dense_params, count_params(model))
+    table.caption = _kept_stem_note(model, dense_params)
     return {
         "metrics": metrics,
         "report": report,
-        "table": _compression_table(report, dense_params, count_params(model)),
+        "table": table,
     }
 
 
@@ -356,6 +361,7 @@ def calibration_inputs(task: Any, manifest: dict[str, Any], model: torch.nn.Modu
 def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str, Any], ds_name: str | None, *,
                           data_dir: Path | None, epochs: int, limit_train: int | None, lr: float | None,
                           seed: int, progress: bool, source: Path | str = "the bundle",
+                          limit_test: int | None = None,
                           ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
     """Evaluate a compressed model on its task's test split and optionally fine-tune it with the one trainer.
 
@@ -371,7 +377,8 @@ def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str,
                             f"pass --data (e.g. --data {task.default_dataset or 'NAME'})")
         return model, {}, None
     model_args = (manifest.get("model") or {}).get("args") or {}
-    test_set = task.load(ds_name, "test", data_dir=data_dir, manifest=manifest, model_args=model_args)
+    test_set = task.load(ds_name, "test", data_dir=data_dir, limit=limit_test, manifest=manifest,
+                         model_args=model_args)
     before = task.evaluate_model(model.eval(), test_set)
     metrics: dict[str, Any] = {f"test_{k}_before_finetune": v for k, v in before.items()}
     metrics.update({f"test_{k}": v for k, v in before.items()})
@@ -386,6 +393,25 @@ def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str,
     metrics.update({f"test_{k}": v for k, v in result.metrics.items()})
     metrics["finetune_seconds"] = result.seconds
     return result.model, metrics, config.to_dict()
+
+
+def _kept_stem_note(model: torch.nn.Module, dense_params: int) -> str | None:
+    """What the model spec's stem keeps dense beyond the Linear/Conv2d rows of the table (an encoder's
+    embedding tables: most of a small encoder's parameters), so the report says where they went."""
+    from lrdeploy.methods.selection import layer_modules, matches
+    from lrdeploy.models.registry import spec_of
+
+    spec = spec_of(model)
+    stem = tuple(getattr(spec, "stem", ()) or ())
+    listed = {name for name, _ in layer_modules(model)}
+    kept = [(n, m) for n, m in model.named_modules() if n and matches(n, stem) and n not in listed]
+    top = [(n, m) for n, m in kept if not any(n.startswith(o + ".") for o, _ in kept)]  # outermost only
+    params = sum(p.numel() for _, m in top for p in m.parameters())
+    if not top or not params:
+        return None
+    names = ", ".join(n for n, _ in top)
+    return (f"kept dense as the model's stem: {names} ({params:,} parameters, {params / dense_params:.0%} of "
+            "the dense model)")
 
 
 def _compression_table(report: Any, dense_params: int, params: int) -> Table:
@@ -416,9 +442,10 @@ def _compression_table(report: Any, dense_params: int, params: int) -> Table:
 
 def _example_input(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
     """One example batch for tracing layer input sizes (the model's own for multi-input models)."""
-    make = getattr(model, "example_inputs", None)
-    if callable(make):
-        return tuple(make(1, *input_shape, *input_shape))
+    from lrdeploy.models.inputs import declares_inputs, example_inputs, nominal_sizes
+
+    if declares_inputs(model):  # each length axis at the nominal size, passed by name (models differ)
+        return example_inputs(model, 1, nominal_sizes(model, input_shape), torch.Generator().manual_seed(0))
     return torch.randn((1, *input_shape))
 
 
@@ -494,6 +521,9 @@ def export_bundle(
     atomic.write_text(
         Path(out).with_suffix(".fold.json"), json.dumps(report.to_dict(), indent=2, default=str)
     )
+    assets = getattr(model, "export_assets", None)  # an encoder's tokenizer: the artefact is usable alone
+    for suffix, data in (assets() if callable(assets) else {}).items():
+        atomic.write_bytes(Path(out).with_suffix(suffix), data)
     return result, report
 
 
@@ -586,4 +616,5 @@ def export_precision_variant(
         calibration=calibration,
         test_inputs=test_x,
         labels=labels,
+        tolerance=getattr(named, "precision_tolerance", lambda _p: None)(precision),  # the task's own limits
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lrdeploy.models.hf_encoder import SOURCE as _HF_SOURCE  # noqa: F401  (hf:PATH)
 from lrdeploy.models.lenet import LeNet5  # importing the family module registers its builders
 from lrdeploy.models.registry import InputSpec, ModelSpec, create_model, get_spec, list_models, register_model
 from lrdeploy.models.resnet import ResNet

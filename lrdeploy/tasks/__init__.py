@@ -62,6 +62,7 @@ def manifest_task(manifest: dict | None) -> Task:
 
 # Registration: importing a task's module registers it.
 from lrdeploy.tasks import classification as _classification  # noqa: E402,F401
+from lrdeploy.tasks import embedding as _embedding  # noqa: E402,F401
 from lrdeploy.tasks import translation as _translation  # noqa: E402,F401
 
 __all__ = ["BudgetSettings", "Metric", "Predict", "Task", "batched", "get_task", "list_tasks",
