@@ -577,10 +577,12 @@ def _print_variant(variant: Any, shown: Any = lambda p: p) -> None:
     speed = describe_speed(getattr(variant, "speed_vs_fp32", None), getattr(variant, "timing", None))
     if speed:  # informs, never fails: a variant slower than fp32 here may still be the one a GPU wants
         verdict += " — " + (f"[bold yellow]{speed}[/]" if "SLOWER" in speed else speed)
+    # no labels (an encoder's embeddings, random data): the output cosine instead of an accuracy delta
+    quality = (f"accuracy delta {100 * acc['delta']:+.2f} points" if "delta" in acc
+               else f"cosine {variant.parity.get('cosine', float('nan')):.4f}")
     console.print(
         f"{variant.precision} variant [bold]{shown(variant.dst)}[/] ({variant.method}): "
-        f"rel-L2 {variant.parity.get('rel_l2', float('nan')):.1e}, accuracy delta "
-        f"{100 * acc.get('delta', float('nan')):+.2f} points — {verdict}"
+        f"rel-L2 {variant.parity.get('rel_l2', float('nan')):.1e}, {quality} — {verdict}"
     )
 
 

@@ -232,6 +232,32 @@ def test_bad_hf_path_is_one_line(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_hf_locations(tmp_path, monkeypatch):
+    from lrdeploy.errors import UserError
+    from lrdeploy.models.hf_encoder import location
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert location("models") == (str(tmp_path / "models"), True)  # a folder: absolute
+    hub = "sentence-transformers/all-MiniLM-L6-v2"
+    assert location(hub) == (hub, False)  # a hub name, for users with a network
+    for bad, why in (("weights.bin", "is a file"), ("models/nope", "no such directory"),
+                     ("./nope", "no such directory"), ("", "needs a path")):
+        with pytest.raises(UserError, match=why):
+            location(bad)
+
+
+def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
+    from lrdeploy.errors import UserError
+    from lrdeploy.models.hf_encoder import build_encoder
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an install without the extra looks like
+    with pytest.raises(UserError) as info:
+        build_encoder(str(tmp_path))
+    assert "lrdeploy[hf]" in info.value.one_line()
+
+
 @pytest.mark.slow
 def test_full_minilm_run(tmp_path, data_dir, minilm):
     """The whole test split, a distillation fine-tune on 2,000 training sentences, int8 export, compare."""
