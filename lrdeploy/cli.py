@@ -263,16 +263,8 @@ def train(
             input_shape=parse_shape(input_shape),
         )
     )
-    if "test_perplexity" in metrics:  # translation
-        bleu = metrics.get("test_bleu")
-        console.print(
-            f"test perplexity {metrics['test_perplexity']:.2f}, "
-            f"token accuracy {metrics['test_token_accuracy']:.2%}"
-            + (f", BLEU {bleu:.2f}" if bleu is not None else "")
-            + f" — bundle written to [bold]{out}[/]"
-        )
-    else:
-        console.print(f"test accuracy {metrics['test_accuracy']:.2%} — bundle written to [bold]{out}[/]")
+    _print_test_metrics(out, metrics)
+    console.print(f"bundle written to [bold]{out}[/]")
 
 
 @app.command()
@@ -372,13 +364,9 @@ def _print_test_metrics(bundle: Path, metrics: dict[str, Any]) -> None:
     from lrdeploy.bundle import read_manifest
     from lrdeploy.tasks import manifest_task
 
-    shown = []
-    for metric in manifest_task(read_manifest(bundle)).metrics():
-        value = metrics.get(f"test_{metric.key}")
-        if isinstance(value, (int, float)):
-            shown.append(f"{metric.label} {value:.2%}" if metric.percent else f"{metric.label} {value:.2f}")
-    if shown:
-        console.print("test " + ", ".join(shown))
+    line = manifest_task(read_manifest(bundle)).format_metrics(metrics, prefix="test_")
+    if line:
+        console.print("test " + line)
 
 
 @app.command()

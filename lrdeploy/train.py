@@ -354,13 +354,8 @@ def _train_epoch(loop: _Loop, data: Any, epoch: int, steps: int) -> dict:
 
 
 def _epoch_line(m: dict, epochs: int, task: Any) -> str:
-    tests = []
-    for metric in task.metrics():
-        value = m.get(f"test_{metric.key}")
-        if value is not None:
-            tests.append(f"test {metric.label} {value:.2%}" if metric.percent
-                         else f"test {metric.label} {value:.2f}")
-    test = ("  " + "  ".join(tests)) if tests else ""
+    shown = task.format_metrics(m, prefix="test_")
+    test = f"  test {shown}" if shown else ""
     return (
         f"epoch {m['epoch'] + 1}/{epochs}  loss {m['train_loss']:.4f}  train acc {m['train_accuracy']:.2%}"
         f"{test}  {m['samples_per_s']:,.0f} {task.rate_unit}/s  {m['seconds']:.1f}s"

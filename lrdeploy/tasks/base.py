@@ -156,6 +156,17 @@ class Task:
     def metrics(self) -> tuple[Metric, ...]:
         return (self.headline,)
 
+    def format_metrics(self, values: Mapping[str, Any], prefix: str = "") -> str:
+        """``"accuracy 98.10%"`` / ``"BLEU 31.20, perplexity 9.87, token accuracy 61.00%"``: the task's
+        metrics found in ``values`` (keys ``prefix + metric.key``), as reports name them."""
+        shown = []
+        for metric in self.metrics():
+            value = values.get(prefix + metric.key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                shown.append(f"{metric.label} {value:.2%}" if metric.percent
+                             else f"{metric.label} {value:.2f}")
+        return ", ".join(shown)
+
     def evaluate(self, predict: Predict, data: Any, *, final: bool = True,
                  batch_size: int = 256) -> dict[str, float | None]:
         """Metrics of ``predict`` on ``data``; keys include ``self.headline.key``."""
@@ -171,6 +182,11 @@ class Task:
     def feeds(self, data: Any, n: int, *, offset: int = 0) -> Feeds:
         """``n`` real examples as the graph's named inputs (cycled when the split is smaller)."""
         raise NotImplementedError
+
+    def precision_tolerance(self, precision: str) -> Any:
+        """The parity preset a reduced-precision variant of this task's model is judged by (None: the
+        standard preset of ``lrdeploy.serving.parity``)."""
+        return None
 
     def labels(self, data: Any, n: int) -> np.ndarray | None:
         """Labels matching :meth:`feeds` (for golden sets), or None where the task has none."""
