@@ -578,17 +578,23 @@ def _trt_int8_graph(bundle: Path, onnx_path: Path, data_dir: Path | None, calib_
     """``<stem>.int8.trt.onnx``: symmetric Q/DQ for TensorRT, calibrated on the bundle's training data and
     judged on its test data like the CPU int8 variant; a miss is a UserError (nothing is built)."""
     from lrdeploy.bundle import read_manifest
-    from lrdeploy.data import load_dataset
     from lrdeploy.exporters.tensorrt import prepare_int8_graph
+    from lrdeploy.tasks import manifest_task
 
-    ds_name = calib_data or (read_manifest(bundle).get("dataset") or {}).get("name")
+    manifest = read_manifest(bundle)
+    ds_name = calib_data or (manifest.get("dataset") or {}).get("name")
     if not ds_name:
         raise UserError(f"bundle {bundle} records no dataset to calibrate int8 on",
                         "name one with --calib-data (e.g. --calib-data mnist), or use --precision fp16")
-    calibration = load_dataset(ds_name, "train", data_dir=data_dir, limit=256).x.numpy()
-    test = load_dataset(ds_name, "test", data_dir=data_dir, limit=1000)
+    task = manifest_task(manifest)  # built-in datasets and a user's own data alike
+    args = (manifest.get("model") or {}).get("args") or {}
+    train = task.load(ds_name, "train", data_dir=data_dir, limit=256, manifest=manifest, model_args=args)
+    test = task.load(ds_name, "test", data_dir=data_dir, limit=1000, manifest=manifest, model_args=args)
+    n = task.num_examples(test)
+    calibration = next(iter(task.feeds(train, task.num_examples(train)).values()))
+    test_inputs = next(iter(task.feeds(test, n).values()))
     return prepare_int8_graph(onnx_path, onnx_path.with_suffix(".int8.trt.onnx"), calibration,
-                              test_inputs=test.x.numpy(), labels=test.y.numpy())
+                              test_inputs=test_inputs, labels=task.labels(test, n))
 
 
 Precision = typer.Option(

@@ -379,6 +379,7 @@ def tiny_translation(data_dir):
     return {"train": train, "test": test, "args": args, "ref": ref, "cand": cand}
 
 
+@pytest.mark.slow  # 35 s; translation compare is covered by tests/test_translation_cli.py
 def test_compare_two_translation_bundles(tiny_translation, data_dir, tmp_path, monkeypatch):
     """`compare` on translation bundles: task section, judged token parity, BLEU budget, latency."""
     import lrdeploy.flops

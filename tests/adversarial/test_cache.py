@@ -94,6 +94,7 @@ def test_xdg_cache_home_is_a_regular_file(lowrank_bundle, tmp_path):
     assert xdg.read_bytes() == b"\x00precious"
 
 
+@pytest.mark.slow  # 20 s: re-times every layer
 def test_cache_entries_with_time_zero_are_remeasured_and_replaced(lowrank_bundle, tmp_path):
     xdg = tmp_path / "xdg"
     cache_file = xdg / "lrdeploy" / "fold-cost.json"
