@@ -209,20 +209,13 @@ def _check_forward(model: torch.nn.Module, name: str, shape: tuple[int, ...]) ->
     """One forward of a zero sample, so a wrong --input-shape is one line now, not a failed export later
     (models with their own ``example_inputs`` are checked by export)."""
     from lrdeploy.models.inputs import declares_inputs
+    from lrdeploy.tasks.base import probe_forward
 
     if declares_inputs(model):
         return
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *shape)))
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"model {name} cannot take one input of shape {','.join(map(str, shape))}: {first}",
-                        "give the shape the model takes with --input-shape C,H,W") from None
-    finally:
-        model.train(was_training)
+    probe_forward(model, (torch.zeros((1, *shape)),),
+                  f"model {name} cannot take one input of shape {','.join(map(str, shape))}",
+                  "give the shape the model takes with --input-shape C,H,W")
 
 
 DEFAULT_CALIB_SAMPLES = 256  # activation-aware SVD: a few hundred examples settle XᵀX

@@ -98,21 +98,10 @@ class Task:
 
     def check_model(self, model: nn.Module, data: Any, model_name: str, dataset_name: str) -> None:
         """One forward on one example, so a model/data mismatch is a clear error, not a deep traceback."""
-        from lrdeploy.errors import UserError
-
         inputs, _ = next(iter(self.train_batches(data, 1, torch.Generator().manual_seed(0), limit=1)))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(*inputs)
-        except (RuntimeError, IndexError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise UserError(f"model {model_name} cannot take {dataset_name} inputs "
-                            f"({', '.join(str(tuple(t.shape[1:])) for t in inputs)}): {first}",
-                            "pick a model and dataset that match (see `lrdeploy models`)") from None
-        finally:
-            model.train(was_training)
+        shapes = ", ".join(str(tuple(t.shape[1:])) for t in inputs)
+        probe_forward(model, inputs, f"model {model_name} cannot take {dataset_name} inputs ({shapes})",
+                      "pick a model and dataset that match (see `lrdeploy models`)")
 
     # --- training --------------------------------------------------------------------------------------
     def num_examples(self, data: Any) -> int:
@@ -221,6 +210,23 @@ class Task:
             checks.append({"name": "top-1 agreement", "limit": budgets.min_agreement, "value": agreement,
                            "passed": agreement is not None and agreement >= budgets.min_agreement})
         return checks
+
+
+def probe_forward(model: nn.Module, inputs: Sequence[torch.Tensor], problem: str, hint: str) -> None:
+    """One forward in eval mode (mode restored); a failure is one UserError line ``problem: <first line of
+    the error>`` with ``hint``, instead of a deep traceback later."""
+    from lrdeploy.errors import UserError
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{problem}: {first}", hint) from None
+    finally:
+        model.train(was_training)
 
 
 def torch_predict(model: nn.Module, input_names: Sequence[str], output_names: Sequence[str]) -> Predict:

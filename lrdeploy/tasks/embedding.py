@@ -27,7 +27,7 @@ from torch import nn
 
 from lrdeploy.errors import UserError
 from lrdeploy.tasks import register_task
-from lrdeploy.tasks.base import Batch, BudgetSettings, Feeds, Metric, Predict, Task
+from lrdeploy.tasks.base import Batch, BudgetSettings, Feeds, Metric, Predict, Task, probe_forward
 
 DATASET = "multi30k-en"
 MAX_LEN = 64  # tokens, with [CLS]/[SEP]; Multi30k English sentences are shorter
@@ -202,17 +202,9 @@ class EmbeddingTask(Task):
 
     def check_model(self, model: nn.Module, data: Any, model_name: str, dataset_name: str) -> None:
         feeds = self.feeds(data, min(2, len(data)))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(*(torch.from_numpy(feeds[n]) for n in self.input_names(model)))
-        except (RuntimeError, IndexError, ValueError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise UserError(f"model {model_name} cannot embed {dataset_name} sentences: {first}",
-                            "the embedding task needs a --model hf:PATH encoder") from None
-        finally:
-            model.train(was_training)
+        probe_forward(model, [torch.from_numpy(feeds[n]) for n in self.input_names(model)],
+                      f"model {model_name} cannot embed {dataset_name} sentences",
+                      "the embedding task needs a --model hf:PATH encoder")
 
     # --- training (distillation from the dense encoder) ------------------------------------------------
     def train_batches(self, data: SentenceSet, batch_size: int, generator: torch.Generator,

@@ -30,7 +30,7 @@ from torch import nn
 
 from lrdeploy.errors import UserError
 from lrdeploy.tasks import register_task
-from lrdeploy.tasks.base import Batch, BudgetSettings, Feeds, Metric, Predict, Task
+from lrdeploy.tasks.base import Batch, BudgetSettings, Feeds, Metric, Predict, Task, probe_forward
 
 MAX_LEN = 64  # data max_len (with <bos>/<eos>); no Multi30k sentence is cut at 64
 DEFAULT_MAX_PERPLEXITY_INCREASE = 0.10  # relative: candidate perplexity ≤ 1.1 × the dense one
@@ -89,16 +89,9 @@ class TranslationTask(Task):
         return {"tokenizers": recorded} if recorded else {}
 
     def check_model(self, model: nn.Module, data: Any, model_name: str, dataset_name: str) -> None:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(data.src[:1], data.tgt_in[:1])
-        except (RuntimeError, IndexError) as exc:
-            raise UserError(f"model {model_name} cannot take {dataset_name} sentence pairs ({exc})",
-                            "check the --model-arg values (vocabulary sizes come from the data)") from None
-        finally:
-            model.train(was_training)
+        probe_forward(model, (data.src[:1], data.tgt_in[:1]),
+                      f"model {model_name} cannot take {dataset_name} sentence pairs",
+                      "check the --model-arg values (vocabulary sizes come from the data)")
 
     # --- training --------------------------------------------------------------------------------------
     def num_batches(self, n: int, batch_size: int) -> int:
