@@ -158,6 +158,12 @@ InputShape = typer.Option(
     None, "--input-shape", help="One sample's shape without the batch, e.g. 1,28,28: for a model (your own "
     "pkg.module:factory) that does not declare it.",
 )
+DeviceOption = typer.Option(
+    "auto", "--device", help="Where training runs: auto (CUDA when present), cpu, cuda or cuda:N."
+)
+AmpOption = typer.Option(
+    "off", "--amp", help="Mixed-precision training: off, bf16 or fp16 (fp16: CUDA only, with a GradScaler)."
+)
 TaskOption = typer.Option(
     None, "--task", help="The model's task (classification, translation …): for your own model when its "
     "factory does not declare it.",
@@ -224,12 +230,26 @@ def train(
         None, "--limit-test", min=1, help="Evaluate on the first N test examples."
     ),
     seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOption,
+    amp: str = AmpOption,
+    checkpoint_every: int = typer.Option(
+        1, "--checkpoint-every", min=0,
+        help="Write a training checkpoint every N epochs (and after the last); 0: none."),
+    checkpoint_dir: Path | None = typer.Option(
+        None, "--checkpoint-dir", help="Where checkpoints go (default: <out>.checkpoint, beside the bundle)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the killed run whose checkpoint is in the checkpoint directory; "
+        "give the same settings."),
     out: Path | None = typer.Option(
         None, "--out", help="Bundle directory (default runs/<model>-<data>-<method>)."
     ),
     force: bool = Force,
 ) -> None:
-    """Train a model (dense, or low-rank with Cuttlefish or Maestro) and write a bundle."""
+    """Train a model (dense, or low-rank with Cuttlefish or Maestro) and write a bundle.
+
+    Several processes: torchrun --nproc-per-node N -m lrdeploy train ... (--batch-size is the global batch).
+    """
     from lrdeploy.cli_checks import check_finite, check_model_fits
     from lrdeploy.outputs import check_bundle_destination
 
@@ -261,8 +281,17 @@ def train(
             force=force,
             task=task,
             input_shape=parse_shape(input_shape),
+            device=device,
+            amp=amp,
+            checkpoint_every=checkpoint_every,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
         )
     )
+    from lrdeploy import distributed
+
+    if not distributed.launched_as_main():  # under torchrun: rank 0 reports
+        return
     _print_test_metrics(out, metrics)
     console.print(f"bundle written to [bold]{out}[/]")
 
@@ -326,6 +355,8 @@ def compress(
              "bundle's training data (SVD-LLM whitening), not by the error of its weights."),
     calib_samples: int = typer.Option(256, "--calib-samples", min=1,
                                       help="Training examples for --activation-aware's statistics."),
+    device: str = DeviceOption,
+    amp: str = AmpOption,
     out: Path = typer.Option(..., "--out", help="Low-rank bundle directory to write."),
     force: bool = Force,
 ) -> None:
@@ -353,6 +384,8 @@ def compress(
         activation_aware=activation_aware,
         calib_samples=calib_samples,
         limit_test=limit_test,
+        device=device,
+        amp=amp,
     )
     console.print(result["table"])
     _print_test_metrics(bundle, result["metrics"])

@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,8 +40,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from lrdeploy import distributed
+from lrdeploy.checkpoint import load_checkpoint, save_checkpoint
 from lrdeploy.data.augment import get_augmentation
+from lrdeploy.devices import (
+    Precision,
+    resolve_amp,
+    resolve_device,
+    synchronize,
+    to_device,
+    wants_channels_last,
+)
 from lrdeploy.errors import UserError
+from lrdeploy.layers.structure import apply as apply_structure
+from lrdeploy.layers.structure import describe as describe_structure
 
 SCHEDULES = ("cosine", "step", "inverse_sqrt")
 OPTIMIZERS = ("sgd", "adamw")
@@ -65,6 +78,11 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm
     eval_batch_size: int = 256
     full_eval_every_epoch: bool = False  # e.g. BLEU (greedy decoding) every epoch instead of only the last
+    device: str | None = None  # "auto", "cpu", "cuda", "cuda:N"; None: where the model already is
+    amp: str = "off"  # "bf16" / "fp16" (GradScaler) autocast; fp16 needs CUDA
+    checkpoint_dir: str | None = None  # where training checkpoints go; None: none are written
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always gets one); 0: never
+    resume: bool = False  # continue the run whose checkpoint is in checkpoint_dir
 
     @classmethod
     def for_task(cls, task: Any, **settings: Any) -> TrainConfig:
@@ -87,6 +105,7 @@ class TrainConfig:
             ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "in [0, 1)"),
             ("grad_clip", self.grad_clip is None or 0 < self.grad_clip < math.inf, "positive and finite"),
             ("eval_batch_size", self.eval_batch_size >= 1, "at least 1"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "zero (never) or positive"),
         )
         for name, ok, want in checks:
             if not ok:
@@ -98,6 +117,8 @@ class TrainConfig:
                             hint=f"use one of: {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer '{self.optimizer}'", hint=f"use {' or '.join(OPTIMIZERS)}")
+        if self.resume and self.checkpoint_dir is None:
+            raise UserError("resume needs the run's checkpoint directory", "pass --checkpoint-dir")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +134,12 @@ class TrainResult:
     history: list[dict[str, Any]]
     model: nn.Module | None = field(default=None, repr=False)  # the final model (a hook may have replaced it)
     rate_unit: str = "samples"
+    device: str = "cpu"
+    amp: str = "off"
+    world_size: int = 1  # training processes (torchrun)
+    resumed_after_epoch: int | None = None  # epochs the checkpoint this run continued from had completed
+    checkpoint_seconds: float = 0.0  # time spent writing checkpoints
+    replica_digests: list[str] | None = None  # every rank's weights digest at the end (equal, or it raised)
 
     @property
     def test_accuracy(self) -> float | None:
@@ -277,7 +304,8 @@ class NonFiniteLossWatch:
 class _Loop:
     """Mutable state of one ``train`` call, so the epoch body can live in its own function."""
 
-    model: nn.Module
+    model: nn.Module  # the module itself; ``forward`` is the same module or its DDP wrapper
+    forward: nn.Module
     optimizer: torch.optim.Optimizer
     config: TrainConfig
     total_steps: int
@@ -285,8 +313,17 @@ class _Loop:
     progress: Progress
     bar: Any
     task: Any
+    device: torch.device
+    precision: Precision
+    channels_last: bool = False
+    scaler: Any = None
     step: int = 0
     generator: torch.Generator | None = None  # the shuffling generator; augmentation draws from it too
+
+    def rewrap(self) -> None:
+        """Put a (new) model on the device and, with several processes, in a new DDP wrapper."""
+        to_device(self.model, self.device, self.channels_last)
+        self.forward = distributed.wrap(self.model, self.device)
 
 
 def _hook_inputs(inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -294,62 +331,83 @@ def _hook_inputs(inputs: tuple[torch.Tensor, ...]) -> Any:
     return inputs[0] if len(inputs) == 1 else inputs
 
 
+def _to_device(t: torch.Tensor, loop: _Loop) -> torch.Tensor:
+    t = distributed.shard(t).to(loop.device, non_blocking=True)
+    if loop.channels_last and t.dim() == 4 and t.is_floating_point():
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def _train_epoch(loop: _Loop, data: Any, epoch: int, steps: int) -> dict:
     model, config, task = loop.model, loop.config, loop.task
-    device = _device(model)
+    device = loop.device
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen, lr = 0, config.lr
     augment = get_augmentation(config.augment) if config.augment is not None else None
     watch = NonFiniteLossWatch(device)
+    show = config.progress and distributed.is_main()
     start = time.perf_counter()
     batches = task.train_batches(data, config.batch_size, loop.generator, limit=config.limit_train,
                                  augment=augment)
     for i, (inputs, target) in enumerate(batches):
-        inputs = tuple(t.to(device, non_blocking=True) for t in inputs)
-        target = target.to(device, non_blocking=True)
+        inputs = tuple(_to_device(t, loop) for t in inputs)
+        target = distributed.shard(target).to(device, non_blocking=True)
         lr = lr_at(config, loop.step, loop.total_steps)
         for group in loop.optimizer.param_groups:
             group["lr"] = lr
-        custom = _first(loop.hooks, "training_loss", model, _hook_inputs(inputs), target)
-        if custom is None:
-            outputs = model(*inputs)
-            loss = task.loss(outputs, target, config)
-        else:
-            loss, outputs = custom
+        with loop.precision.autocast():
+            custom = _first(loop.hooks, "training_loss", loop.forward, _hook_inputs(inputs), target)
+            if custom is None:
+                outputs = loop.forward(*inputs)
+                loss = task.loss(outputs, target, config)
+            else:
+                loss, outputs = custom
         watch.observe(loss, i)
         loop.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loop.scaler is not None:
+            loop.scaler.scale(loss).backward()
+            loop.scaler.unscale_(loop.optimizer)  # hooks and clipping see true gradients
+        else:
+            loss.backward()
         _call(loop.hooks, "after_backward", model)
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        loop.optimizer.step()
+        if loop.scaler is not None:
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+        else:
+            loop.optimizer.step()
         _call(loop.hooks, "after_step", model)
         loop.step += 1
         units, hits = task.step_stats(outputs, target)
         seen += units
-        loss_sum += loss.detach() * units
+        loss_sum += loss.detach().float() * units
         correct += hits
         last = i == steps - 1
         if i % 10 == 9 or last:  # not every step: .item() syncs a GPU
             watch.check(epoch, config.lr)
-        if config.progress and (i % 10 == 9 or last):
-            rate = seen / max(time.perf_counter() - start, 1e-9)
+        if show and (i % 10 == 9 or last):
+            rate = seen * distributed.world_size() / max(time.perf_counter() - start, 1e-9)
             stats = (f"loss {loss_sum.item() / max(seen, 1):.4f}  acc {correct.item() / max(seen, 1):.1%}  "
                      f"{rate:,.0f} {task.rate_unit}/s")
             desc = f"epoch {epoch + 1}/{config.epochs}"
             loop.progress.update(loop.bar, completed=loop.step, stats=stats, description=desc)
+    synchronize(device)
     seconds = time.perf_counter() - start
+    totals = distributed.all_sum(torch.stack([loss_sum.double(), correct.double(),
+                                              torch.tensor(float(seen), device=device, dtype=torch.float64)]))
+    loss_total, hits_total, seen_total = (float(v) for v in totals.cpu())
     return {
         "epoch": epoch,
-        "train_loss": loss_sum.item() / max(seen, 1),
-        "train_accuracy": correct.item() / max(seen, 1),
+        "train_loss": loss_total / max(seen_total, 1),
+        "train_accuracy": hits_total / max(seen_total, 1),
         "test_accuracy": None,
         "lr": lr,
         "seconds": seconds,
-        "samples_per_s": seen / max(seconds, 1e-9),
-        "units": seen,
+        "samples_per_s": seen_total / max(seconds, 1e-9),
+        "units": int(seen_total),
     }
 
 
@@ -371,8 +429,111 @@ def _end_epoch(loop: _Loop, epoch: int, metrics: dict) -> None:
         if new is not None and new is not loop.model:
             loop.model, replaced = new, True
     if replaced:
+        loop.rewrap()  # a new DDP wrapper broadcasts rank 0's bits to every replica
+        if distributed.active():
+            metrics["replica_digests"] = distributed.replica_digests(loop.model)
         loop.optimizer = _make_optimizer(loop.model, loop.config, loop.hooks)
         _call(loop.hooks, "on_model_replaced", loop.model, loop.optimizer)
+
+
+def _evaluate(loop: _Loop, test_set: Any, raw: Any, full: bool) -> dict[str, Any]:
+    """Hooks' ``before_evaluate`` on every rank (their decisions are agreed inside), the task's evaluation on
+    rank 0 only, its metrics handed to every rank (``on_epoch_end`` hooks may use them)."""
+    _call(loop.hooks, "before_evaluate", loop.model, raw)
+    distributed.sync_module(loop.model)
+    metrics = None
+    if distributed.is_main():
+        metrics = loop.task.evaluate_model(loop.model, test_set, final=full,
+                                           batch_size=loop.config.eval_batch_size)
+    return distributed.agree(metrics)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+# settings a resumed run must share with the run it continues (the rest — progress, threads, device,
+# checkpointing — may change between the two)
+RUN_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "seed", "limit_train",
+                "augment", "optimizer", "warmup_steps", "label_smoothing", "grad_clip", "amp")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _hook_states(hooks: Sequence[object]) -> list[Any]:
+    states = []
+    for hook in hooks:
+        fn = getattr(hook, "state_dict", None)
+        if fn is None:
+            raise UserError(f"the training hook {type(hook).__name__} cannot be checkpointed (no state_dict)",
+                            "train without --checkpoint-dir / with --checkpoint-every 0")
+        states.append(fn())
+    return states
+
+
+def _save_checkpoint(loop: _Loop, epoch: int, history: list[dict[str, Any]], run: dict[str, Any]) -> float:
+    """Write the checkpoint after ``epoch`` (rank 0; every rank's RNG state goes in); seconds it took."""
+    start = time.perf_counter()
+    rngs = distributed.gather(_rng_state(loop.device))
+    hooks = _hook_states(loop.hooks)
+    if distributed.is_main():
+        state = {
+            "epoch": epoch + 1,
+            "step": loop.step,
+            "config": {k: getattr(loop.config, k) for k in RUN_SETTINGS},
+            "run": run,
+            "world_size": distributed.world_size(),
+            "structure": describe_structure(loop.model),
+            "optimizer": loop.optimizer.state_dict(),
+            "scaler": loop.scaler.state_dict() if loop.scaler is not None else None,
+            "hooks": hooks,
+            "rng": {"shuffle": loop.generator.get_state() if loop.generator is not None else None,
+                    "ranks": rngs},
+            "history": history,
+        }
+        save_checkpoint(Path(loop.config.checkpoint_dir), loop.model.state_dict(), state)
+    distributed.barrier()
+    return time.perf_counter() - start
+
+
+def _check_resumable(state: dict[str, Any], config: TrainConfig, run: dict[str, Any], path: str) -> None:
+    hint = "resume with the same settings, or start over without --resume (with --force)"
+    saved = state.get("config", {})
+    for key in RUN_SETTINGS:
+        if key in saved and saved[key] != getattr(config, key):
+            raise UserError(f"--resume: the checkpoint in {path} was trained with {key}={saved[key]!r}, this "
+                            f"run has {key}={getattr(config, key)!r}", hint)
+    for key, value in run.items():
+        if state.get("run", {}).get(key) != value:
+            raise UserError(f"--resume: the checkpoint in {path} belongs to a run with a different {key} "
+                            f"({state.get('run', {}).get(key)!r}, now {value!r})", hint)
+    if state.get("world_size", 1) != distributed.world_size():
+        raise UserError(f"--resume: the checkpoint in {path} was written by {state.get('world_size')} "
+                        f"process(es), this run has {distributed.world_size()}",
+                        "resume with the same --nproc-per-node × --nnodes (each rank's data shard and RNG "
+                        "state are part of the run)")
+
+
+def _restore(model: nn.Module, config: TrainConfig, run: dict[str, Any],
+             hooks: Sequence[object]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of the checkpoint (its structure applied to ``model``, its weights loaded) and its state."""
+    path = str(config.checkpoint_dir)
+    weights, state = load_checkpoint(path)
+    _check_resumable(state, config, run, path)
+    model = apply_structure(model, state["structure"])
+    model.load_state_dict(weights)
+    for hook, saved in zip(hooks, state["hooks"], strict=True):
+        hook.load_state_dict(saved, model)
+    return model, state
 
 
 def train(
@@ -382,18 +543,29 @@ def train(
     config: TrainConfig | None = None,
     hooks: Sequence[object] = (),
     task: Any = "classification",
+    run: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_set`` for ``task`` (a name or :class:`~lrdeploy.tasks.Task`),
     evaluating ``test_set`` after each epoch (the task's expensive metrics, e.g. BLEU, only after the last
     unless ``config.full_eval_every_epoch``).
 
     Returns a :class:`TrainResult`; use ``result.model`` afterwards, since a hook may have replaced the model.
-    Two calls with the same seed, initial weights, data and thread count give bit-identical weights.
+    Two calls with the same seed, initial weights, data and thread count give bit-identical weights — also
+    when the second was killed and resumed from its checkpoint (``config.resume``; then ``model`` is the
+    *initial* model: the checkpoint's structure and weights are applied to it). ``run`` describes what else
+    makes the run (model, data, method): a checkpoint only resumes a run that describes itself the same way.
+
+    Under torchrun (:mod:`lrdeploy.distributed`) each rank trains on its shard of every batch
+    (``batch_size`` is the global batch), gradients are averaged by DistributedDataParallel, and rank 0
+    evaluates and writes checkpoints.
     """
     from lrdeploy.tasks import get_task
 
     task = get_task(task)
     config = config or TrainConfig.for_task(task)
+    run = dict(run or {})
+    device = resolve_device(config.device) if config.device is not None else _device(model)
+    precision = resolve_amp(config.amp, device)
     n = task.num_examples(train_set)
     if config.limit_train is not None:
         n = min(n, config.limit_train)
@@ -403,50 +575,82 @@ def train(
     started = time.perf_counter()
     evaluated: nn.Module | None = None
     final: dict[str, Any] = {}
+    checkpoint_seconds = 0.0
     for hook in hooks:
         bind = getattr(hook, "bind_task", None)
         if bind is not None:
             bind(task)
 
-    with _reproducible(config.seed, config.num_threads), _progress(config.progress) as progress:
-        generator = torch.Generator().manual_seed(config.seed)
+    with _reproducible(config.seed + distributed.rank(), config.num_threads), \
+            _progress(config.progress and distributed.is_main()) as progress:
+        generator = torch.Generator().manual_seed(config.seed)  # the same order on every rank
         steps = task.num_batches(n, config.batch_size)
         total_steps = steps * config.epochs
+        state: dict[str, Any] | None = None
+        if config.resume:
+            model, state = _restore(model, config, run, hooks)
+        channels_last = wants_channels_last(model, device)
+        to_device(model, device, channels_last)
         optimizer = _make_optimizer(model, config, hooks)
-        _call(hooks, "on_train_start", model, optimizer)
+        if state is None:
+            _call(hooks, "on_train_start", model, optimizer)
         bar = progress.add_task("train", total=total_steps, stats="")
-        loop = _Loop(model, optimizer, config, total_steps, hooks, progress, bar, task, generator=generator)
+        loop = _Loop(model, distributed.wrap(model, device), optimizer, config, total_steps, hooks, progress,
+                     bar, task, device, precision, channels_last, precision.scaler(), generator=generator)
+        start_epoch = 0
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            if loop.scaler is not None and state.get("scaler"):
+                loop.scaler.load_state_dict(state["scaler"])
+            generator.set_state(state["rng"]["shuffle"])
+            _set_rng_state(state["rng"]["ranks"][distributed.rank()], device)
+            loop.step, start_epoch, history = int(state["step"]), int(state["epoch"]), list(state["history"])
+            progress.update(bar, completed=loop.step)
+            if config.progress and distributed.is_main():
+                progress.console.print(f"resumed after epoch {start_epoch}/{config.epochs} "
+                                       f"(step {loop.step}) from {config.checkpoint_dir}")
         raw = None
-        for epoch in range(config.epochs):
+        for epoch in range(start_epoch, config.epochs):
             _call(hooks, "on_epoch_start", epoch)
             metrics = _train_epoch(loop, train_set, epoch, steps)
             if test_set is not None:
                 raw = raw if raw is not None else _limited(task.raw_inputs(train_set), config.limit_train)
-                _call(hooks, "before_evaluate", loop.model, raw)
                 full = config.full_eval_every_epoch or epoch == config.epochs - 1
-                final = task.evaluate_model(loop.model, test_set, final=full,
-                                            batch_size=config.eval_batch_size)
+                final = _evaluate(loop, test_set, raw, full)
                 evaluated = loop.model
                 metrics.update({f"test_{k}": v for k, v in final.items()})
             history.append(metrics)
-            if config.progress:
+            if config.progress and distributed.is_main():
                 progress.console.print(_epoch_line(metrics, config.epochs, task))
             _end_epoch(loop, epoch, metrics)
-        if test_set is not None and evaluated is not loop.model:  # the last epoch's hook swapped the model
-            _call(hooks, "before_evaluate", loop.model, raw)
-            final = task.evaluate_model(loop.model, test_set, final=True, batch_size=config.eval_batch_size)
+            due = config.checkpoint_every and ((epoch + 1) % config.checkpoint_every == 0
+                                               or epoch == config.epochs - 1)
+            if config.checkpoint_dir is not None and due:
+                checkpoint_seconds += _save_checkpoint(loop, epoch, history, run)
+        if test_set is not None and evaluated is not loop.model:  # the last hook swapped it, or all resumed
+            raw = raw if raw is not None else _limited(task.raw_inputs(train_set), config.limit_train)
+            final = _evaluate(loop, test_set, raw, True)
+        digests = distributed.replica_digests(loop.model) if distributed.active() else None
 
     train_seconds = sum(m["seconds"] for m in history)
-    units = sum(m.pop("units") for m in history)
+    units = sum(m.get("units", 0) for m in history)
+    for m in history:
+        m.pop("units", None)
     return TrainResult(
         metrics=dict(final),
-        train_loss=history[-1]["train_loss"],
+        train_loss=history[-1]["train_loss"] if history else math.nan,
         epochs=config.epochs,
         seconds=time.perf_counter() - started,
         samples_per_s=units / max(train_seconds, 1e-9),
         history=history,
         model=loop.model,
         rate_unit=task.rate_unit,
+        device=str(device),
+        amp=precision.mode,
+        world_size=distributed.world_size(),
+        resumed_after_epoch=int(state["epoch"]) if state is not None else None,
+        checkpoint_seconds=checkpoint_seconds,
+        replica_digests=digests,
     )
 
 

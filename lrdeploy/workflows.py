@@ -36,6 +36,15 @@ class TrainRequest:
     force: bool = False  # replace an existing bundle at ``out``
     task: str | None = None  # None: the task the model declares
     input_shape: tuple[int, ...] | None = None  # one sample; must match the data's where the data has one
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    amp: str = "off"  # off, bf16, fp16
+    checkpoint_every: int = 1  # epochs between training checkpoints; 0: none
+    checkpoint_dir: Path | None = None  # None: beside the bundle, <out>.checkpoint
+    resume: bool = False  # continue the killed run whose checkpoint is in checkpoint_dir
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.out.with_name(self.out.name + ".checkpoint")
 
 
 def model_task(spec: Any, task: str | None = None) -> Any:
@@ -98,6 +107,39 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     The task (:mod:`lrdeploy.tasks`) loads the data, supplies the loss and metrics, and records what the
     bundle needs to read its data again (e.g. a translation model's tokenizers).
     """
+    from lrdeploy import distributed
+    from lrdeploy.devices import resolve_amp, resolve_device
+
+    device = resolve_device(req.device)  # a GPU asked for where there is none: one line, before any work
+    resolve_amp(req.amp, device)
+    with distributed.session(device):
+        return _train_bundle(req)
+
+
+def _check_checkpoint_dir(req: TrainRequest) -> None:
+    """A fresh run must not silently shadow an interrupted one; ``--resume`` needs one to continue."""
+    from lrdeploy import checkpoint, distributed
+
+    path = req.checkpoints
+    if req.resume:
+        if not checkpoint.exists(path):
+            finished = req.out.exists()
+            done = " (a finished run removes its checkpoint; its bundle is the result)" if finished else ""
+            raise UserError(f"--resume: no training checkpoint at {path}{done}",
+                            "run without --resume to start training, or point --checkpoint-dir at the run's "
+                            "checkpoint")
+        return
+    if req.checkpoint_every and checkpoint.exists(path):
+        if not req.force:
+            raise UserError(f"a checkpoint of an interrupted run is at {path}",
+                            "add --resume to continue that run, or --force to start over (it is replaced)")
+        if distributed.is_main():
+            checkpoint.remove_checkpoint(path)
+        distributed.barrier()
+
+
+def _train_bundle(req: TrainRequest) -> dict[str, Any]:
+    from lrdeploy import checkpoint, distributed
     from lrdeploy.bundle import check_output_dir, save_bundle
     from lrdeploy.layers.maestro import compact
     from lrdeploy.methods import get_method
@@ -105,6 +147,7 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     from lrdeploy.train import TrainConfig, train
 
     check_output_dir(req.out, force=req.force)
+    _check_checkpoint_dir(req)
     spec = get_spec(req.model_name)
     task, ds_name = resolve_task(spec, req.dataset, req.task)
     hook = None if req.method == "dense" else get_method(req.method, **req.method_settings)
@@ -113,7 +156,9 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     config = TrainConfig.for_task(
         task, epochs=req.epochs, batch_size=req.batch_size, lr=req.lr, weight_decay=req.weight_decay,
         schedule=req.schedule, seed=req.seed, limit_train=req.limit_train, progress=req.progress,
-        augment=req.augment,
+        augment=req.augment, device=req.device, amp=req.amp, checkpoint_every=req.checkpoint_every,
+        checkpoint_dir=str(req.checkpoints) if req.checkpoint_every or req.resume else None,
+        resume=req.resume,
     )
     settings = {**spec.default_args, **req.model_args}
     train_set = task.load(ds_name, "train", data_dir=req.data_dir, limit=req.limit_train, model_args=settings)
@@ -125,10 +170,13 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
     task.check_model(model, train_set, req.model_name, ds_name)
     # one sample: the data's for image inputs (--input-shape must agree), else the model's (a source length)
     input_shape = model_input_shape(spec, req.input_shape, model, getattr(train_set, "input_shape", None))
-    if hook is not None and hasattr(hook, "prepare"):
-        model = hook.prepare(model)
-    result = train(model, train_set, test_set, config, hooks=[hook] if hook is not None else [], task=task)
-    model = compact(result.model)  # Maestro keeps dead components in storage while training; drop them
+    if hook is not None and hasattr(hook, "prepare") and not req.resume:  # a resumed model gets its structure
+        model = hook.prepare(model)                                        # from the checkpoint
+    run = {"model": req.model_name, "model_args": model_args, "task": task.name, "dataset": ds_name,
+           "method": req.method, "method_settings": req.method_settings}
+    result = train(model, train_set, test_set, config, hooks=[hook] if hook is not None else [], task=task,
+                   run=run)
+    model = compact(result.model.cpu())  # Maestro keeps dead components in storage while training; drop them
     metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.metrics.items()}
     metrics.update({
         "test_samples": len(test_set),
@@ -136,8 +184,19 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
         "train_seconds": result.seconds,
         "train_samples_per_s": result.samples_per_s,
         "train_rate_unit": task.rate_unit,
+        "train_device": result.device,
+        "train_amp": result.amp,
+        "train_processes": result.world_size,
+        "train_checkpoint_seconds": result.checkpoint_seconds,
         "history": result.history,
     })
+    if result.resumed_after_epoch is not None:
+        metrics["train_resumed_after_epoch"] = result.resumed_after_epoch
+    if result.replica_digests is not None:
+        metrics["train_replica_digests"] = result.replica_digests
+    if not distributed.is_main():  # rank 0 writes the bundle; the others wait for it
+        distributed.barrier()
+        return metrics
     method = hook.manifest_record() if hook is not None else {"name": "dense"}
     method["train"] = config.to_dict()
     save_bundle(
@@ -153,6 +212,8 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
         metrics=metrics,
         extra=task.manifest_extra(train_set) or None,
     )
+    checkpoint.remove_checkpoint(req.checkpoints)  # the bundle is the result now
+    distributed.barrier()
     return metrics
 
 
@@ -237,6 +298,8 @@ def compress_bundle(
     force: bool = False,
     activation_aware: bool = False,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    device: str = "auto",
+    amp: str = "off",
     limit_test: int | None = None,
 ) -> dict[str, Any]:
     """Post-training path: SVD-compress a bundle, evaluate, optionally fine-tune, write a low-rank bundle.
@@ -286,7 +349,7 @@ def compress_bundle(
     model, metrics, train_record = evaluate_and_finetune(
         model, task, src.manifest, ds_name, data_dir=data_dir, epochs=finetune_epochs,
         limit_train=limit_train, lr=lr, seed=seed, progress=progress, source=bundle_path,
-        limit_test=limit_test)
+        limit_test=limit_test, device=device, amp=amp)
     extra = task.manifest_extra_from(src.manifest) or None
 
     method = {
@@ -354,7 +417,7 @@ def calibration_inputs(task: Any, manifest: dict[str, Any], model: torch.nn.Modu
 def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str, Any], ds_name: str | None, *,
                           data_dir: Path | None, epochs: int, limit_train: int | None, lr: float | None,
                           seed: int, progress: bool, source: Path | str = "the bundle",
-                          limit_test: int | None = None,
+                          limit_test: int | None = None, device: str | None = None, amp: str = "off",
                           ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
     """Evaluate a compressed model on its task's test split and optionally fine-tune it with the one trainer.
 
@@ -362,8 +425,11 @@ def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str,
     training settings or None). The fine-tune takes the task's ``finetune_defaults`` (a lower learning rate
     than training from scratch); ``lr`` overrides it.
     """
+    from lrdeploy.devices import resolve_amp, resolve_device
     from lrdeploy.train import TrainConfig, train
 
+    if epochs > 0:  # a GPU asked for where there is none: one line before the data loads
+        resolve_amp(amp, resolve_device(device) if device is not None else torch.device("cpu"))
     if not ds_name:
         if epochs > 0:
             raise UserError(f"{source} records no dataset, so there is nothing to fine-tune on",
@@ -379,13 +445,15 @@ def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str,
         return model, metrics, None
     config = TrainConfig.for_task(task, **{**task.finetune_defaults, "epochs": epochs, "seed": seed,
                                            "limit_train": limit_train, "progress": progress,
+                                           "device": device, "amp": amp,
                                            **({"lr": lr} if lr is not None else {})})
     train_set = task.load(ds_name, "train", data_dir=data_dir, limit=limit_train, manifest=manifest,
                           model_args=model_args)
     result = train(model, train_set, test_set, config, task=task)
     metrics.update({f"test_{k}": v for k, v in result.metrics.items()})
     metrics["finetune_seconds"] = result.seconds
-    return result.model, metrics, config.to_dict()
+    metrics["finetune_device"] = result.device
+    return result.model.cpu(), metrics, config.to_dict()
 
 
 def _kept_stem_note(model: torch.nn.Module, dense_params: int) -> str | None:

@@ -167,10 +167,15 @@ class _Maestro:
         Equals count(importance ≥ threshold) because importance is non-increasing; cutting at the first
         failure enforces the prefix regardless. Never increases the rank. Returns the new rank.
         """
+        self._assign_rank(self.rank_after_shrink(threshold))
+        return self._rank
+
+    @torch.no_grad()
+    def rank_after_shrink(self, threshold: float) -> int:
+        """The rank :meth:`shrink` would leave, without changing anything."""
         below = torch.nonzero(self.importance() < threshold)
         new = int(below[0, 0]) if below.numel() else self._rank
-        self._assign_rank(min(new, self._rank))
-        return self._rank
+        return min(new, self._rank)
 
     # --- sizes ---
 

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lrdeploy import distributed
+from lrdeploy.devices import timer
 from lrdeploy.errors import UserError
 from lrdeploy.flops import count_params
 from lrdeploy.layers.lowrank import LowRankConv2d, LowRankLayer, LowRankLinear
@@ -329,24 +331,23 @@ def _capture_inputs(
 
 
 def _interleaved_medians(
-    run_a: Callable[[], Any], run_b: Callable[[], Any], repeats: int, min_sample_s: float
+    run_a: Callable[[], Any], run_b: Callable[[], Any], repeats: int, min_sample_s: float,
+    device: torch.device | None = None,
 ) -> tuple[float, float]:
-    """Median seconds per call of two functions timed alternately (A B, then B A …) so drift hits both."""
+    """Median seconds per call of two functions timed alternately (A B, then B A …) so drift hits both;
+    on a GPU with CUDA events around each sample (launches are asynchronous)."""
+    clock = timer(device or torch.device("cpu"))
     samples: tuple[list[float], list[float]] = ([], [])
     iters = []
     for fn in (run_a, run_b):
-        fn()  # warm-up: allocator, weight packing
-        start = time.perf_counter()
-        fn()
-        iters.append(max(1, math.ceil(min_sample_s / max(time.perf_counter() - start, 1e-7))))
+        fn()  # warm-up: allocator, weight packing, cuDNN autotuning
+        iters.append(max(1, math.ceil(min_sample_s / max(clock(fn), 1e-7))))
     for rep in range(repeats):
         order = (0, 1) if rep % 2 == 0 else (1, 0)
         for which in order:
             fn, n = (run_a, run_b)[which], iters[which]
-            start = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[which].append((time.perf_counter() - start) / n)
+            seconds = clock(lambda fn=fn, n=n: [fn() for _ in range(n)])
+            samples[which].append(seconds / n)
     return statistics.median(samples[0]), statistics.median(samples[1])
 
 
@@ -360,7 +361,8 @@ def measure_k(
     repeats: int = 5,
     min_sample_s: float = 0.002,
 ) -> KMeasurement:
-    """Time each block's candidate layers dense vs factorised on CPU; K = leading blocks where that loses.
+    """Time each block's candidate layers dense vs factorised on the model's device (CUDA events on a GPU);
+    K = leading blocks where that loses.
 
     ``ranks`` maps candidate layer → rank it would get, or None when it stays dense anyway (no saving); its
     blocks (:func:`group_blocks`) are timed on the inputs the layers see in one eval-mode forward of a
@@ -381,6 +383,8 @@ def measure_k(
     blocks = group_blocks(model, list(ranks))
     to_time = [n for n, r in ranks.items() if r is not None]
     inputs = _capture_inputs(model, to_time, example) if to_time else {}
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
 
     result = KMeasurement(k=0, batch_size=measured_batch, threads=torch.get_num_threads(), repeats=repeats)
     k_fixed = False
@@ -391,9 +395,9 @@ def measure_k(
             rank = ranks[name]
             if rank is None or name not in inputs:
                 continue
-            dense = copy.deepcopy(model.get_submodule(name)).to("cpu", torch.float32).eval()
+            dense = copy.deepcopy(model.get_submodule(name)).to(device, torch.float32).eval()
             cls = LowRankConv2d if isinstance(dense, nn.Conv2d) else LowRankLinear
-            pairs.append((dense, cls.from_dense(dense, rank).eval(), inputs[name]))
+            pairs.append((dense, cls.from_dense(dense, rank).eval(), inputs[name].to(device)))
         if pairs:
             with torch.inference_mode():
                 dense_s, fact_s = _interleaved_medians(
@@ -401,6 +405,7 @@ def measure_k(
                     lambda p=pairs: [f(x) for _, f, x in p],
                     repeats,
                     min_sample_s,
+                    device,
                 )
             timing.dense_ms, timing.factorised_ms = dense_s * 1e3, fact_s * 1e3
             timing.speedup = dense_s / fact_s if fact_s > 0 else math.inf
@@ -605,6 +610,10 @@ class Cuttlefish(MethodHook):
                 "decision": "dense: not switched",
             }
         self.log["seconds"]["rank_estimation"] += time.perf_counter() - start
+        self._arm_capture(model)
+
+    def _arm_capture(self, model: nn.Module) -> None:
+        """Keep the next forward's inputs: the batch K is timed on."""
 
         def capture(_module: nn.Module, args: tuple[Any, ...]) -> None:
             self._example = tuple(a.detach().cpu().clone() if torch.is_tensor(a) else a for a in args)
@@ -618,8 +627,11 @@ class Cuttlefish(MethodHook):
         if self._switched or not self._tracked:
             return None
         start = time.perf_counter()
+        # computed on every rank from the same weights, but decided by rank 0's numbers (SVDs may differ in
+        # the last bit between devices, and a switch that diverged would train different models)
+        now = distributed.agree({n: stable_rank(model.get_submodule(n).weight) for n in self._tracked})
         for name in self._tracked:
-            self._history[name].append(stable_rank(model.get_submodule(name).weight))
+            self._history[name].append(now[name])
         stable = update_stable(self._history, self._stable, self.window, self.tau, self.relax, self.tail)
         for name in stable - self._stable:
             self.log["layers"][name]["stable_after_epochs"] = len(self._history[name]) - 1
@@ -647,6 +659,35 @@ class Cuttlefish(MethodHook):
             if isinstance(layer, LowRankLayer):
                 frobenius_decay_(layer, self._lam)
 
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: tracked layers, histories, the switch, the captured batch, the log."""
+        return {
+            "total_epochs": self._total_epochs, "lam": self._lam, "tracked": list(self._tracked),
+            "full": dict(self._full), "xi": dict(self._xi),
+            "history": {k: list(v) for k, v in self._history.items()},
+            "stable": sorted(self._stable), "factorised": list(self._factorised), "switched": self._switched,
+            "example": list(self._example) if self._example is not None else None, "log": self.log,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Restore :meth:`state_dict` onto ``model`` (already rebuilt with the checkpoint's structure)."""
+        self._reset()
+        self._total_epochs = state["total_epochs"]
+        self.settings["epochs"] = self._total_epochs
+        self._lam = float(state["lam"])
+        self._tracked, self._full, self._xi = list(state["tracked"]), dict(state["full"]), dict(state["xi"])
+        self._history = {k: list(v) for k, v in state["history"].items()}
+        self._stable, self._factorised = set(state["stable"]), list(state["factorised"])
+        self._switched = bool(state["switched"])
+        self._example = tuple(state["example"]) if state["example"] is not None else None
+        self.log = state["log"]
+        for name in self._tracked:  # the log shows the live history lists, as before the checkpoint
+            self.log["layers"][name]["stable_rank_history"] = self._history[name]
+        if not self._switched and self._example is None:
+            self._arm_capture(model)
+
     # -- the switch -----------------------------------------------------------------------------------------
 
     def _switch(self, model: nn.Module, epoch: int, forced: bool) -> nn.Module:
@@ -666,7 +707,7 @@ class Cuttlefish(MethodHook):
             k = min(self.fixed_k, len(blocks))
         else:
             t0 = time.perf_counter()
-            measurement = self._measure(model, planned)
+            measurement = distributed.on_main(lambda: self._measure(model, planned))  # one timing, shared
             self.log["seconds"]["measure_k"] += time.perf_counter() - t0
             self.log["k_measurement"] = measurement.to_dict()
             k = measurement.k

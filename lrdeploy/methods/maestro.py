@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrdeploy import distributed
 from lrdeploy.errors import UserError
 from lrdeploy.layers.maestro import MaestroConv2d, MaestroLinear, maestro_layers
 from lrdeploy.layers.structure import set_submodule
@@ -279,13 +280,17 @@ class MaestroMethod(MethodHook):
         takes ``(src, tgt_in)``, logits are N×T×V and padding targets are ignored, as in ``seq2seq``)."""
         assert self.sampler is not None
         sequence = isinstance(xb, tuple)
-        run = (lambda: model(*xb)) if sequence else (lambda: model(xb))
+        # ``model`` may be a DistributedDataParallel wrapper: the full pass goes through it (one DDP forward
+        # per backward, so gradients are averaged once); the sampled pass uses the module itself, and its
+        # gradients join the same backward before the wrapper reduces them
+        inner = getattr(model, "module", model)
+        run = (lambda m=model: m(*xb)) if sequence else (lambda m=model: m(xb))
         task_loss = self._sequence_loss if sequence else F.cross_entropy
         if self.settings["full_pass"]:
             logits = run()
             loss = task_loss(logits, yb)
             with self.sampler.sampled():
-                partial = run()
+                partial = run(inner)
             loss = loss + _distillation(partial, logits.detach(), yb if sequence else None)
         else:
             with self.sampler.sampled():
@@ -303,8 +308,12 @@ class MaestroMethod(MethodHook):
     def shrink(self) -> dict[str, int]:
         """Progressive shrinking of every layer by ε; the sampler is rebuilt when a rank fell."""
         before = self.ranks()
-        for _, layer in self.layers:
-            layer.shrink(self.settings["threshold"])
+        threshold = self.settings["threshold"]
+        # rank 0 decides for every replica (methods.md: decisions that change the model are broadcast)
+        target = distributed.on_main(lambda: {name: layer.rank_after_shrink(threshold)
+                                              for name, layer in self.layers})
+        for name, layer in self.layers:
+            layer.set_rank(target[name])
         after = self.ranks()
         if after != before and self.sampler is not None:
             self.sampler.rebuild([m for _, m in self.layers])
@@ -330,6 +339,36 @@ class MaestroMethod(MethodHook):
         record = super().manifest_record()
         record["final_ranks"] = self.ranks()
         return record
+
+    # --- checkpoints ---
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's RNG and position, the epoch bookkeeping and the log (ranks live in the model)."""
+        sampler = self.sampler
+        return {
+            "epoch": self._epoch, "shrunk_epoch": self._shrunk_epoch,
+            "label_smoothing": self._label_smoothing,
+            "log": self.log,
+            "sampler": None if sampler is None else {
+                "rng": sampler._rng.getstate(), "order": [list(p) for p in sampler._order],
+                "pos": sampler._pos,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        """Restore :meth:`state_dict` onto ``model`` (rebuilt with the checkpoint's Maestro layers)."""
+        self._epoch, self._shrunk_epoch = int(state["epoch"]), state["shrunk_epoch"]
+        self._label_smoothing = float(state["label_smoothing"])
+        self.log = state["log"]
+        full_ranks = dict(self.log.get("full_ranks", {}))
+        self.sampler = None
+        self._attach(model)
+        self.log["full_ranks"] = full_ranks or self.log["full_ranks"]
+        saved = state["sampler"]
+        if saved is not None and self.sampler is not None:
+            self.sampler._rng.setstate(saved["rng"])
+            self.sampler._order = [tuple(p) for p in saved["order"]]
+            self.sampler._pos = int(saved["pos"])
 
 
 def _distillation(partial: torch.Tensor, full: torch.Tensor, tgt_out: torch.Tensor | None) -> torch.Tensor:
