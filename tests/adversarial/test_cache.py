@@ -85,6 +85,7 @@ def test_unwritable_home_without_xdg(lowrank_bundle, tmp_path):
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow  # 12 s; the unwritable-home case above takes the same path
 def test_xdg_cache_home_is_a_regular_file(lowrank_bundle, tmp_path):
     xdg = tmp_path / "xdg-file"
     xdg.write_bytes(b"\x00precious")
