@@ -41,7 +41,9 @@ def run(out: Path, workload: str, variant: str, i: int) -> dict:
                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{workload} {variant} failed:\n{proc.stderr[-3000:]}")
+        (out / "failed.log").write_text(proc.stdout + proc.stderr)
+        raise SystemExit(f"{workload} {variant} failed (whole output in {out / 'failed.log'}):\n"
+                         f"{proc.stderr[-3000:]}")
     metrics = json.loads((bundle / "manifest.json").read_text())["metrics"]
     return {"wall_s": wall, "images_per_s": metrics["train_samples_per_s"],
             "train_s": sum(h["seconds"] for h in metrics["history"]),

@@ -92,3 +92,14 @@ def test_cuttlefish_trains_on_the_gpu(data_dir, amp):
     assert next(result.model.parameters()).is_cuda
     assert hook.log["switched"] and hook.log["k_measurement"] is not None
     assert result.metrics["accuracy"] > 0.5
+
+
+def test_replica_digest_covers_every_tensor_kind():
+    """BatchNorm's 0-d long counter, integer buffers, float weights: all hashed; any change shows."""
+    from lrdeploy.distributed import digest
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    before = digest(model)
+    assert before == digest(model)
+    model[1].num_batches_tracked += 1
+    assert digest(model) != before
