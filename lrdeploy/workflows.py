@@ -429,6 +429,11 @@ def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str,
     from lrdeploy.train import TrainConfig, train
 
     if epochs > 0:  # a GPU asked for where there is none: one line before the data loads
+        from lrdeploy import distributed
+
+        if distributed.launched():
+            raise UserError("compress --finetune-epochs runs in one process, not under torchrun",
+                            "run `lrdeploy compress` without torchrun (--device cuda for a GPU)")
         resolve_amp(amp, resolve_device(device) if device is not None else torch.device("cpu"))
     if not ds_name:
         if epochs > 0:
