@@ -19,8 +19,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+def count_flops(model: nn.Module, input_shape: Sequence[int], *, sparse: bool = False) -> int:
     """FLOPs for one sample: ``input_shape`` excludes the batch dimension (e.g. (1, 28, 28)).
+
+    ``sparse``: count a masked layer's FLOPs at its density (Sparse-IFT's iso-FLOP bookkeeping); by default
+    every weight counts, which is what a dense runtime executes.
 
     A model with several inputs (``lrdeploy.models.inputs``) gets its own ``example_inputs`` at batch 1 with
     every length axis at the nominal ``input_shape`` (a translation model: source and target of 32 tokens).
@@ -47,4 +50,14 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
             model(*inputs)
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops())
+    if not sparse:
+        return int(counter.get_total_flops())
+    from lrdeploy.layers.masked import masked_layers
+
+    per_module = counter.get_flop_counts()
+    root = type(model).__name__
+    total = float(counter.get_total_flops())
+    for name, layer in masked_layers(model):
+        own = sum(per_module.get(f"{root}.{name}" if name else root, {}).values())
+        total -= (1.0 - layer.density) * own  # a masked layer does only its kept multiply-adds
+    return int(round(total))

@@ -406,6 +406,10 @@ def _model_cross(model: dict[str, Any], path: JsonPath) -> None:
 
 def _layer_cross(entry: dict[str, Any], path: JsonPath) -> None:
     rank, full, stored = entry.get("rank"), entry.get("full_rank"), entry.get("stored")
+    if rank is None:  # a sparse layer (density) needs no rank; a low-rank one (full_rank, stored) does
+        if entry.get("density") is None or full is not None or stored is not None:
+            raise SchemaError((*path, "rank"), "is required for a low-rank layer (or give density)")
+        return
     if full is not None and stored is not None and stored > full:
         raise SchemaError((*path, "stored"), f"must be at most full_rank ({full}), got {stored}")
     if full is not None and rank > full:
@@ -423,7 +427,10 @@ def _layer_cross(entry: dict[str, Any], path: JsonPath) -> None:
 _LAYER = Obj(
     {
         "kind": req(Str(64)),
-        "rank": req(Int(0, MAX_SIZE)),  # Maestro layers may be pruned to rank 0
+        "rank": opt(Int(0, MAX_SIZE)),  # Maestro layers may be pruned to rank 0; sparse layers have none
+        "density": opt(Num(0.0, 1.0)),  # share of weights kept by a mask (sparse layers)
+        "pattern": opt(Str(32)),  # "unstructured" or "N:M"
+        "branches": opt(Int(1, 10_000)),  # Sparse Parallel
         "full_rank": opt(Int(1, MAX_SIZE)),
         "stored": opt(Int(1, MAX_SIZE)),
         "in": opt(Int(1, MAX_SIZE)),

@@ -6,7 +6,9 @@ What differs between tasks (batches, loss, metrics, optimiser defaults) comes fr
 Compression methods (Cuttlefish, Maestro, Sparse-IFT …) plug in as *hook objects* rather than subclasses of
 the trainer, so one loop serves them all. A hook may define any of these methods; missing ones are skipped:
 
-- ``on_train_start(model, optimizer)``
+- ``on_schedule(total_steps)``                   (the run's optimiser steps, e.g. to place mask updates)
+- ``on_train_start(model, optimizer)``          (a resumed run calls ``on_resume(model, optimizer)`` instead,
+  after ``load_state_dict(state, model)`` restored what ``state_dict()`` saved in the checkpoint)
 - ``on_epoch_start(epoch)``                      (``epoch`` counts from 0, here and in ``history``)
 - ``param_groups(model, config) -> list[dict] | None`` — optimiser parameter groups (e.g. no weight decay on
   factors regularised another way); asked whenever the optimiser is (re)built, first non-None answer wins
@@ -390,7 +392,8 @@ def _train_epoch(loop: _Loop, data: Any, epoch: int, steps: int) -> dict:
             watch.check(epoch, config.lr)
         if show and (i % 10 == 9 or last):
             rate = seen * distributed.world_size() / max(time.perf_counter() - start, 1e-9)
-            stats = (f"loss {loss_sum.item() / max(seen, 1):.4f}  acc {correct.item() / max(seen, 1):.1%}  "
+            stats = (f"loss {loss_sum.item() / max(seen, 1):.4f}  "
+                     f"{task.hits_label} {correct.item() / max(seen, 1):.1%}  "
                      f"{rate:,.0f} {task.rate_unit}/s")
             desc = f"epoch {epoch + 1}/{config.epochs}"
             loop.progress.update(loop.bar, completed=loop.step, stats=stats, description=desc)
@@ -415,7 +418,8 @@ def _epoch_line(m: dict, epochs: int, task: Any) -> str:
     shown = task.format_metrics(m, prefix="test_")
     test = f"  test {shown}" if shown else ""
     return (
-        f"epoch {m['epoch'] + 1}/{epochs}  loss {m['train_loss']:.4f}  train acc {m['train_accuracy']:.2%}"
+        f"epoch {m['epoch'] + 1}/{epochs}  loss {m['train_loss']:.4f}  train {task.hits_label} "
+        f"{m['train_accuracy']:.2%}"
         f"{test}  {m['samples_per_s']:,.0f} {task.rate_unit}/s  {m['seconds']:.1f}s"
     )
 
@@ -592,8 +596,11 @@ def train(
         channels_last = wants_channels_last(model, device)
         to_device(model, device, channels_last)
         optimizer = _make_optimizer(model, config, hooks)
+        _call(hooks, "on_schedule", total_steps)
         if state is None:
             _call(hooks, "on_train_start", model, optimizer)
+        else:
+            _call(hooks, "on_resume", model, optimizer)
         bar = progress.add_task("train", total=total_steps, stats="")
         loop = _Loop(model, distributed.wrap(model, device), optimizer, config, total_steps, hooks, progress,
                      bar, task, device, precision, channels_last, precision.scaler(), generator=generator)

@@ -170,6 +170,12 @@ def _train_bundle(req: TrainRequest) -> dict[str, Any]:
     task.check_model(model, train_set, req.model_name, ds_name)
     # one sample: the data's for image inputs (--input-shape must agree), else the model's (a source length)
     input_shape = model_input_shape(spec, req.input_shape, model, getattr(train_set, "input_shape", None))
+    if hook is not None and hasattr(hook, "model_args_for"):  # e.g. Sparse Wide: a wider model of the family
+        wider = hook.model_args_for(model, model_args, input_shape, spec.builder)
+        if wider is not None:
+            model_args = wider
+            torch.manual_seed(req.seed)
+            model = create_model(req.model_name, **model_args)
     if hook is not None and hasattr(hook, "prepare") and not req.resume:  # a resumed model gets its structure
         model = hook.prepare(model)                                        # from the checkpoint
     run = {"model": req.model_name, "model_args": model_args, "task": task.name, "dataset": ds_name,

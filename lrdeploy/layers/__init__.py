@@ -6,6 +6,8 @@ from lrdeploy.layers import structure
 from lrdeploy.layers.lowrank import FOLD_MODES, LOWRANK_TYPES, LowRankConv2d, LowRankLayer, LowRankLinear
 from lrdeploy.layers.lowrank_bn import LowRankConv2dBN  # registers its kind (Cuttlefish's extra BN)
 from lrdeploy.layers.maestro import MAESTRO_TYPES, MaestroConv2d, MaestroLinear  # registers its kinds
+from lrdeploy.layers.masked import MaskedConv2d, MaskedLinear  # registers its kinds (sparse layers)
+from lrdeploy.layers.sparse_ift import ParallelConv2d  # registers the Sparse-IFT block kinds
 from lrdeploy.layers.structure import apply as apply_structure
 from lrdeploy.layers.structure import describe as describe_structure
 from lrdeploy.layers.svd import energy_kept, rank_for_energy, rank_for_ratio, svd_2d
@@ -20,6 +22,9 @@ __all__ = [
     "MAESTRO_TYPES",
     "MaestroConv2d",
     "MaestroLinear",
+    "MaskedConv2d",
+    "MaskedLinear",
+    "ParallelConv2d",
     "apply_structure",
     "describe_structure",
     "energy_kept",

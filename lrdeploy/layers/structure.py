@@ -70,6 +70,8 @@ def describe(model: nn.Module) -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in out):
+            continue  # inside a recorded layer (a Sparse Parallel's branches): the outer one rebuilds it
         kind = _kind_of(module)
         if kind is not None:
             out[name] = kind.describe(module)

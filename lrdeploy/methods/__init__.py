@@ -7,7 +7,7 @@ which layers any of them may factorise.
 
 from __future__ import annotations
 
-from lrdeploy.methods import cuttlefish, maestro, svd  # noqa: F401  (register "cuttlefish", "maestro", "svd")
+from lrdeploy.methods import cuttlefish, maestro, sparse_ift, svd  # noqa: F401  (register each method)
 from lrdeploy.methods.base import MethodHook, get_method, list_methods, register_method
 
 __all__ = ["MethodHook", "get_method", "list_methods", "register_method"]

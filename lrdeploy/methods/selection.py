@@ -61,9 +61,23 @@ def layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, LowRankLayer):
             inside.append(name)
             found.append((name, module))
+        elif _sparse_block(module):  # a Sparse-IFT block: its branches/factors are its own business
+            inside.append(name)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             found.append((name, module))
     return found
+
+
+def _masked(module: nn.Module) -> bool:
+    from lrdeploy.layers.masked import MaskedMixin
+
+    return isinstance(module, MaskedMixin)
+
+
+def _sparse_block(module: nn.Module) -> bool:
+    from lrdeploy.layers import sparse_ift
+
+    return isinstance(module, (sparse_ift._Parallel, sparse_ift._Factorized, sparse_ift._Doped))
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
@@ -147,6 +161,8 @@ def select_layers(
         why: str | None = None
         if isinstance(module, LowRankLayer):
             why = "already low-rank"
+        elif _sparse_block(module) or _masked(module):
+            why = "already sparse (masked)"
         elif name == "":
             why = "the root module cannot be replaced in place"
         elif any(name.startswith(prefix) for prefix in attention):

@@ -63,6 +63,7 @@ class Task:
     train_defaults: ClassVar[dict[str, Any]] = {}  # TrainConfig fields this task sets differently
     finetune_defaults: ClassVar[dict[str, Any]] = {}  # ... and for fine-tuning a compressed model
     rate_unit: ClassVar[str] = "samples"  # what the training progress counts (img, tok, sentences)
+    hits_label: ClassVar[str] = "acc"  # what the share of ``step_stats`` hits is called in progress lines
     default_max_drop: ClassVar[float] = 1.0
 
     # --- data ------------------------------------------------------------------------------------------

@@ -170,6 +170,7 @@ class EmbeddingTask(Task):
     finetune_defaults = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "warmup_steps": 50,
                          "grad_clip": 1.0, "batch_size": 32}
     rate_unit = "sentences"
+    hits_label = f"cos≥{CLOSE_COSINE:g}"
     default_max_drop = 5.0  # points of mean cosine: 0.95, the quality goal of a compressed encoder
 
     def metrics(self) -> tuple[Metric, ...]:

@@ -49,6 +49,7 @@ class TranslationTask(Task):
                       "epochs": 10, "warmup_steps": 400, "label_smoothing": 0.1, "grad_clip": 1.0}
     finetune_defaults = {"lr": 3e-4, "warmup_steps": 100}  # recovering an already trained Transformer
     rate_unit = "tok"
+    hits_label = "token acc"
 
     def accepts_dataset(self, name: str) -> bool:
         from lrdeploy.data.multi30k import TRANSLATION_DATASETS
