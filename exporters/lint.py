@@ -311,3 +311,29 @@ def lint_for_tensorrt(model_or_path: onnx.ModelProto | str | os.PathLike) -> Lin
         add(Finding("warning", "old-opset", None, f"opset {report.opset} is older than TensorRT handles well",
                     "re-export with opset ≥ 17"))
     return report
+
+
+def nm_weights(model_or_path: onnx.ModelProto | str | os.PathLike, n: int = 2, m: int = 4
+               ) -> tuple[list[str], list[str]]:
+    """(weights with the N:M pattern, all Conv/Gemm/MatMul weights) of a graph, by initialiser name.
+
+    The pattern is checked along each output's reduction (input) axis, as TensorRT's sparse tactics read it:
+    Conv W[out, in, kh, kw] per output channel; Gemm B per row with transB=1, per column otherwise; MatMul's
+    constant right operand [K, N] per column. A reduction size that is not a multiple of M never has it.
+    """
+    model, _ = load_model(model_or_path)
+    consts = _constants(model.graph)
+    found: dict[str, bool] = {}
+    for node in _all_nodes(model.graph):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 \
+                or node.input[1] not in consts:
+            continue
+        w = consts[node.input[1]]
+        if w.ndim < 2:
+            continue
+        trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        rows = w.reshape(w.shape[0], -1) if node.op_type == "Conv" or trans_b else w.reshape(w.shape[0], -1).T
+        ok = rows.shape[1] % m == 0 and bool(
+            ((rows.reshape(rows.shape[0], -1, m) != 0).sum(-1) <= n).all())
+        found[node.input[1]] = ok
+    return [k for k, v in found.items() if v], list(found)

@@ -41,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lrdeploy import __version__, atomic
 from lrdeploy.errors import UserError
 
-from .lint import LintReport, graph_inputs, lint_for_tensorrt, load_model
+from .lint import LintReport, graph_inputs, lint_for_tensorrt, load_model, nm_weights
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DEFAULT_MAX_BATCH = 32
@@ -360,6 +360,16 @@ def lint_or_raise(onnx_path: str | os.PathLike) -> LintReport:
     return report
 
 
+def _check_sparse_weights(model: onnx.ModelProto, onnx_path: Path) -> str:
+    """``--sparse-weights`` only helps weights with the 2:4 pattern; refuse a build where none has it."""
+    sparse, weights = nm_weights(model)
+    if not sparse:
+        raise UserError(f"--sparse-weights: none of the {len(weights)} weights of {onnx_path.name} has the "
+                        "2:4 pattern, so TensorRT would pick no sparse tactic",
+                        hint="prune first: lrdeploy compress BUNDLE --sparsity 2:4 --finetune-epochs N")
+    return f"{len(sparse)} of {len(weights)} weights have the 2:4 pattern (TensorRT may run them sparse)"
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
@@ -385,6 +395,7 @@ def build_engine(
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     model, _ = load_model(onnx_path)  # a missing/corrupt file fails before TensorRT is even looked for
     report = lint_or_raise(onnx_path) if lint else None
+    sparse_note = _check_sparse_weights(model, onnx_path) if sparse_weights else None
     profile = derive_profile(model, min_batch, opt_batch, max_batch, shapes=shapes)
     if precision == "int8" and not _has_qdq(model) and calibration is None:
         raise UserError("int8 needs explicit Q/DQ nodes in the ONNX graph (TensorRT 11 removed calibrators)",
@@ -400,7 +411,7 @@ def build_engine(
     gpu = torch.cuda.get_device_name(0)
     major = trt_major(trt)
     strongly_typed = major >= 11
-    notes: list[str] = []
+    notes: list[str] = [sparse_note] if sparse_note else []
     logger = trt.Logger(trt.Logger.WARNING)
     try:
         builder = trt.Builder(logger)

@@ -202,7 +202,7 @@ def train(
     ),
     data_dir: Path | None = DataDir,
     download: bool = Download,
-    method: str = typer.Option("dense", "--method", help="dense, cuttlefish or maestro."),
+    method: str = typer.Option("dense", "--method", help="dense, cuttlefish, maestro or sparse-ift."),
     method_opt: list[str] | None = typer.Option(
         None, "--method-opt", help="A method setting as key=value (repeatable), e.g. window=3."
     ),
@@ -337,6 +337,9 @@ def compress(
         None, "--rank-ratio", help="Rank as a share of full rank, in (0, 1]."
     ),
     energy: float | None = typer.Option(None, "--energy", help="Retained spectral energy, in (0, 1]."),
+    sparsity: str | None = typer.Option(
+        None, "--sparsity", help="N:M magnitude pruning instead of SVD, e.g. 2:4 (2 of every 4 input weights "
+        "kept; faster only with NVIDIA 2:4 kernels); --finetune-epochs keeps the pattern."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", min=0),
     data: str | None = typer.Option(
         None, "--data", help="Dataset for fine-tuning/eval (default: the bundle's)."
@@ -360,7 +363,8 @@ def compress(
     out: Path = typer.Option(..., "--out", help="Low-rank bundle directory to write."),
     force: bool = Force,
 ) -> None:
-    """Compress a bundle by truncated SVD (rank ratio or energy), optionally fine-tune, write a new bundle."""
+    """Compress a bundle by truncated SVD (rank ratio or energy) or N:M pruning (--sparsity 2:4), optionally
+    fine-tune, write a new bundle."""
     from lrdeploy.outputs import check_bundle_destination
 
     check_bundle_destination(out, force=force, inputs=[bundle])  # at once, before torch loads
@@ -368,6 +372,19 @@ def compress(
     from lrdeploy.cli_checks import check_finite
 
     check_finite("--lr", lr, minimum=0.0, strict=True, example="0.01")
+    if sparsity is not None:
+        if rank_ratio is not None or energy is not None or activation_aware:
+            raise UserError("--sparsity prunes; --rank-ratio/--energy/--activation-aware factorise",
+                            "give one of the two")
+        from lrdeploy.pruning import prune_bundle
+
+        result = prune_bundle(bundle, pattern=sparsity, finetune_epochs=finetune_epochs, dataset=data,
+                              data_dir=data_dir, limit_train=limit_train, lr=lr, seed=seed, out=out,
+                              force=force, device=device, amp=amp, limit_test=limit_test)
+        console.print(result["table"])
+        _print_test_metrics(bundle, result["metrics"])
+        console.print(f"{sparsity}-sparse bundle written to [bold]{out}[/]")
+        return
 
     result = workflows.compress_bundle(
         bundle,
@@ -397,9 +414,14 @@ def _print_test_metrics(bundle: Path, metrics: dict[str, Any]) -> None:
     from lrdeploy.bundle import read_manifest
     from lrdeploy.tasks import manifest_task
 
-    line = manifest_task(read_manifest(bundle)).format_metrics(metrics, prefix="test_")
+    task = manifest_task(read_manifest(bundle))
+    before = task.format_metrics({k.replace("_before_finetune", ""): v for k, v in metrics.items()
+                                  if k.endswith("_before_finetune")}, prefix="test_")
+    line = task.format_metrics(metrics, prefix="test_")
+    if before and before != line:
+        console.print("test before fine-tuning " + before)
     if line:
-        console.print("test " + line)
+        console.print(("test after fine-tuning " if before and before != line else "test ") + line)
 
 
 @app.command()

@@ -424,6 +424,7 @@ def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str,
                           data_dir: Path | None, epochs: int, limit_train: int | None, lr: float | None,
                           seed: int, progress: bool, source: Path | str = "the bundle",
                           limit_test: int | None = None, device: str | None = None, amp: str = "off",
+                          hooks: Any = (),
                           ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
     """Evaluate a compressed model on its task's test split and optionally fine-tune it with the one trainer.
 
@@ -460,7 +461,7 @@ def evaluate_and_finetune(model: torch.nn.Module, task: Any, manifest: dict[str,
                                            **({"lr": lr} if lr is not None else {})})
     train_set = task.load(ds_name, "train", data_dir=data_dir, limit=limit_train, manifest=manifest,
                           model_args=model_args)
-    result = train(model, train_set, test_set, config, task=task)
+    result = train(model, train_set, test_set, config, task=task, hooks=list(hooks))
     metrics.update({f"test_{k}": v for k, v in result.metrics.items()})
     metrics["finetune_seconds"] = result.seconds
     metrics["finetune_device"] = result.device

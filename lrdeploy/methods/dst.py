@@ -160,3 +160,31 @@ class MaskUpdater:
         capture = self.algorithm == "rigl" and self._update_due(self.step_count + 1)
         for _, layer in self.layers:
             layer.capture_dense_grad = capture
+
+
+class MaskKeeper:
+    """Trainer hook for a fixed mask (a pruned model's fine-tune): gradients, weights and optimiser state of
+    masked-out positions stay zero, so the pattern (e.g. 2:4) survives training."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from lrdeploy.layers.masked import masked_layers
+
+        self.updater = MaskUpdater(masked_layers(model), "static")
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def on_train_start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    on_resume = on_train_start
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        self.updater.mask_gradients()
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        self.updater.step(self.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.updater.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], model: torch.nn.Module) -> None:
+        self.updater.load_state_dict(state)

@@ -63,11 +63,30 @@ class SparseIFT(MethodHook):
 
     name = "sparse-ift"
 
-    def __init__(self, family: str = "wide", sparsity: float = 0.5, dst: str = "rigl",
+    def __init__(self, family: str = "wide", sparsity: float = 0.5, dst: str | None = None,
                  drop_fraction: float = 0.3, delta_t: int | None = None, end_fraction: float = 0.75,
                  keep_first_conv: bool = True, keep_classifier: bool = True, include: list[str] | None = None,
-                 exclude: list[str] | None = None, seed: int = 0) -> None:
+                 exclude: list[str] | None = None, seed: int = 0, nm: str | None = None) -> None:
         super().__init__()
+        pattern = None
+        if nm is not None:  # N:M training: a fixed magnitude N:M mask, at sparsity 1 − N/M
+            from lrdeploy.methods.nm import parse_nm
+
+            pattern = parse_nm(nm)
+            if family not in ("wide", "factorized"):
+                raise UserError(f"sparse-ift nm={nm} applies to family=wide or factorized, not {family}",
+                                "drop nm, or use family=wide")
+            want = 1 - pattern[0] / pattern[1]
+            if abs(float(sparsity) - want) > 1e-9 and sparsity != 0.5:
+                raise UserError(f"sparse-ift nm={nm} means sparsity {want:g}, not {sparsity}",
+                                f"drop sparsity or set sparsity={want:g}")
+            sparsity = want
+            if dst not in (None, "static"):
+                raise UserError(f"sparse-ift nm={nm} keeps a fixed {nm} mask; dst={dst} would break it",
+                                "drop dst (static is implied)")
+            dst = "static"
+        dst = dst or "rigl"
+        self._nm = pattern
         if family not in FAMILIES:
             raise UserError(f"unknown sparse-ift family {family!r}",
                             f"use family={' or family='.join(FAMILIES)}")
@@ -81,7 +100,7 @@ class SparseIFT(MethodHook):
             "family": family, "sparsity": float(sparsity), "dst": dst, "drop_fraction": drop_fraction,
             "delta_t": delta_t, "end_fraction": end_fraction, "keep_first_conv": keep_first_conv,
             "keep_classifier": keep_classifier, "include": selection.as_patterns(include, "include"),
-            "exclude": selection.as_patterns(exclude, "exclude"), "seed": seed,
+            "exclude": selection.as_patterns(exclude, "exclude"), "seed": seed, "nm": nm,
         }
         # the updater's own checks (drop fraction, ΔT, end), now rather than when training starts
         MaskUpdater([], dst, drop_fraction=drop_fraction, delta_t=delta_t, end_fraction=end_fraction)
@@ -108,6 +127,9 @@ class SparseIFT(MethodHook):
         if not isinstance(width, int) or isinstance(width, bool):
             raise UserError(f"sparse-ift family=wide needs an integer width, got {width!r}")
         new = wide_width(width, self.settings["sparsity"])
+        if self._nm is not None:  # channels a multiple of M, so every fan-in can take the N:M pattern
+            m = self._nm[1]
+            new = max(m, m * round(new / m))
         self.log["width"] = {"dense": width, "wide": new}
         return {**args, "width": new}
 
@@ -130,11 +152,41 @@ class SparseIFT(MethodHook):
         else:
             for name in chosen:
                 densities.update(self._block(model, name))
+        if self._nm is not None:
+            densities = self._nm_only(model, densities)
         self._attach(model)
         assert self.updater is not None
         self.updater.init_masks(densities)
+        if self._nm is not None:
+            self._nm_masks(model)
         self._record(model)
         return model
+
+    def _nm_only(self, model: nn.Module, densities: dict[str, float]) -> dict[str, float]:
+        """With nm: layers whose fan-in is not a multiple of M go back to dense (reported)."""
+        from lrdeploy.methods.nm import nm_eligible
+
+        n, m = self._nm
+        out: dict[str, float] = {}
+        self._nm_layers = set()
+        for name in densities:
+            why = nm_eligible(model.get_submodule(name), m)
+            if why is None:
+                out[name] = n / m
+                self._nm_layers.add(name)
+            else:  # an all-ones mask: dense, and said so
+                out[name] = 1.0
+                self.log["kept_dense"][name] = why
+        return out
+
+    def _nm_masks(self, model: nn.Module) -> None:
+        from lrdeploy.methods.nm import nm_mask
+
+        n, m = self._nm
+        for name, layer in masked_layers(model):
+            if name in self._nm_layers:
+                layer.set_mask(nm_mask(layer.weight, n, m), pattern=f"{n}:{m}")
+                layer.apply_mask_()
 
     def _wide(self, model: nn.Module, chosen: list[str]) -> dict[str, float]:
         """Mask every chosen layer at the density that brings the wide model to the dense FLOP budget."""
