@@ -529,7 +529,24 @@ def export_artifacts(bundle: Path, out: Path, *, opset: int = 20, optimize: str 
         atomic.rewrite_paths(stage)
     console.print(f"wrote {', '.join(n for n in family if (Path(out).parent / n).exists())} "
                   f"in {Path(out).parent}")
+    _say_sparsity(bundle, Path(out))
     return failed
+
+
+def _say_sparsity(bundle: Path, onnx_path: Path) -> None:
+    """A sparse model deploys as dense weights with zeros: say so, with the FLOPs the graph executes."""
+    from lrdeploy.bundle import read_manifest
+    from lrdeploy.sparsity_note import sparse_layers, sparsity_note
+
+    manifest = read_manifest(bundle)
+    if not sparse_layers(manifest):
+        return
+    from lrdeploy.artifacts import deployed_figures
+
+    flops = deployed_figures(onnx_path).get("flops")
+    note = sparsity_note(manifest, flops)
+    console.print(f"[bold]sparsity:[/] {note} (`lrdeploy compare` measures the speed against the dense "
+                  "original)", highlight=False)
 
 
 def _export_family(bundle: Path, out: Path, shown: Any, *, opset: int, optimize: str, fold: str,
@@ -751,6 +768,8 @@ def compare(
         force=force,
     )
     console.print(render_compare_table(report))
+    if report.get("sparsity"):
+        console.print(f"[bold]sparsity:[/] {report['sparsity']}", highlight=False)
     if json_path:
         console.print(f"JSON report: [bold]{json_path}[/]")
     if out:

@@ -305,6 +305,7 @@ def compare_artifacts(
     from lrdeploy.serving.parity import get_tolerance, judge, output_parity
     from lrdeploy.serving.report import latency_section, write_json, write_reports
     from lrdeploy.serving.runtimes import load_runtime
+    from lrdeploy.sparsity_note import sparsity_note
     from lrdeploy.tasks import runtime_predict
 
     # every check on the user's arguments before the minutes of work
@@ -368,6 +369,11 @@ def compare_artifacts(
             "notes": [f"latency is timed on the first <batch> {ds_name} test examples ({task.name} task "
                       "inputs; shapes in environment.latency_inputs), the same arrays for both models"],
         }
+        sparse = sparsity_note(cand.manifest, cand.flops, ref.flops,
+                               {b: v["speedup"] for b, v in sections["latency"].items()})
+        if sparse:
+            sections["notes"].append(sparse)
+            sections["sparsity"] = sparse
         alias = accuracy_alias(section)
         if alias is not None:
             sections["accuracy"] = alias

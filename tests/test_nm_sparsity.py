@@ -105,3 +105,21 @@ def test_sparse_wide_with_2_4_trains_a_wider_2_4_model(data_dir):
     assert layers and all(layer.pattern == "2:4" and is_nm(layer.weight) for _, layer in layers)
     with pytest.raises(UserError, match="static is implied"):
         get_method("sparse-ift", family="wide", nm="2:4", dst="rigl")
+
+
+def test_compare_and_export_say_what_sparsity_buys_on_this_cpu(pruned, tmp_path, data_dir):
+    import json
+
+    root, _ = pruned
+    proc = lrdeploy("compare", root / "dense", root / "nm", "--limit-test", "100", "--batch", "1",
+                    "--seconds", "0.2", "--json", tmp_path / "r.json",
+                    env_extra={"LRDEPLOY_DATA": str(data_dir)})
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]  # a missed budget is exit 1, still reported
+    report = json.loads((tmp_path / "r.json").read_text())
+    note = report["sparsity"]
+    assert "2 sparse layers (mean density 0.50, pattern 2:4)" in note and "every zero is multiplied" in note
+    assert "measured speed vs the dense original: b1" in note and note in report["notes"]
+    assert "sparsity:" in proc.stdout
+    exported = lrdeploy("export", root / "nm", "--out", tmp_path / "nm.onnx", "--fold", "factored")
+    assert exported.returncode == 0 and "the graph executes" not in exported.stdout  # no sparse FLOPs logged
+    assert "deployed as dense weights" in exported.stdout
