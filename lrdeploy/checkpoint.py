@@ -141,4 +141,5 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     if (path / META).is_file():
         for name in (META, WEIGHTS, STATE):
             (path / name).unlink(missing_ok=True)
-        path.rmdir() if not any(path.iterdir()) else None
+        if not any(path.iterdir()):
+            path.rmdir()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,15 +125,3 @@ def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
         return time.perf_counter() - t0
 
     return cpu_time
-
-
-@contextlib.contextmanager
-def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Run a block with ``model`` on ``device``, then move it back to where it was."""
-    param = next(model.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
-    model.to(device)
-    try:
-        yield model
-    finally:
-        model.to(home)

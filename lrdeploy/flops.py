@@ -31,6 +31,33 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], *, sparse: bool = 
     Runs one batch-1 forward in eval mode without grad, on the model's device and dtype; the model's
     train/eval mode is restored afterwards.
     """
+    counter = _count(model, _example(model, input_shape))
+    if not sparse:
+        return int(counter.get_total_flops())
+    from lrdeploy.layers.masked import masked_layers
+
+    own = _per_module(model, counter)
+    total = float(counter.get_total_flops())
+    for name, layer in masked_layers(model):
+        total -= (1.0 - layer.density) * own.get(name, 0.0)  # a masked layer does only its kept multiply-adds
+    return int(round(total))
+
+
+def flops_by_module(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
+    """FLOPs of every named module (its own and its children's) in one batch-1 forward, keyed like
+    ``named_modules`` ("" is the whole model)."""
+    return _per_module(model, _count(model, _example(model, input_shape)))
+
+
+def _per_module(model: nn.Module, counter: FlopCounterMode) -> dict[str, float]:
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    return {name: float(sum(counts.get(f"{root}.{name}" if name else root, {}).values()))
+            for name, _ in model.named_modules()}
+
+
+def _example(model: nn.Module, input_shape: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """One batch-1 input on the model's device and dtype (multi-input models make their own)."""
     from lrdeploy.models.inputs import declares_inputs, example_inputs, nominal_sizes
 
     param = next(model.parameters(), None)
@@ -38,10 +65,11 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], *, sparse: bool = 
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if declares_inputs(model):  # several or integer inputs (e.g. src, tgt_in): the model makes valid ones
         gen = torch.Generator().manual_seed(0)
-        inputs = example_inputs(model, 1, nominal_sizes(model, input_shape), gen)
-        inputs = tuple(t.to(device) for t in inputs)
-    else:
-        inputs = (torch.zeros((1, *tuple(input_shape)), device=device, dtype=dtype),)
+        return tuple(t.to(device) for t in example_inputs(model, 1, nominal_sizes(model, input_shape), gen))
+    return (torch.zeros((1, *tuple(input_shape)), device=device, dtype=dtype),)
+
+
+def _count(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> FlopCounterMode:
     was_training = model.training
     model.eval()
     try:
@@ -50,14 +78,4 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], *, sparse: bool = 
             model(*inputs)
     finally:
         model.train(was_training)
-    if not sparse:
-        return int(counter.get_total_flops())
-    from lrdeploy.layers.masked import masked_layers
-
-    per_module = counter.get_flop_counts()
-    root = type(model).__name__
-    total = float(counter.get_total_flops())
-    for name, layer in masked_layers(model):
-        own = sum(per_module.get(f"{root}.{name}" if name else root, {}).values())
-        total -= (1.0 - layer.density) * own  # a masked layer does only its kept multiply-adds
-    return int(round(total))
+    return counter

@@ -129,7 +129,6 @@ class _Parallel(nn.Module):
         first = _masked(dense)  # branch 0 starts from the dense layer's values, the others fresh
         self.layers = nn.ModuleList([first, *(_masked(_fresh(dense)) for _ in range(branches - 1))])
         self.norms = nn.ModuleList([_bn(dense, fan(dense)[2]) for _ in range(branches)])
-        self.template = {"in": fan(dense)[1], "out": fan(dense)[2]}
 
     @property
     def density(self) -> float:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lrdeploy.errors import UserError
-from lrdeploy.flops import count_flops
+from lrdeploy.flops import count_flops, flops_by_module
 from lrdeploy.layers import sparse_ift as blocks
 from lrdeploy.layers.masked import MaskedConv2d, MaskedLinear, masked_layers
 from lrdeploy.layers.structure import set_submodule
@@ -191,7 +191,8 @@ class SparseIFT(MethodHook):
     def _wide(self, model: nn.Module, chosen: list[str]) -> dict[str, float]:
         """Mask every chosen layer at the density that brings the wide model to the dense FLOP budget."""
         total = count_flops(model, self._input_shape) if self._input_shape else None
-        own = _own_flops(model, chosen, self._input_shape) if self._input_shape else None
+        per_module = flops_by_module(model, self._input_shape) if self._input_shape else None
+        own = {name: per_module[name] for name in chosen} if per_module is not None else None
         budget = self.log["dense_flops"]
         if total is None or own is None or budget is None or sum(own.values()) == 0:
             density = 1.0 - self.settings["sparsity"]
@@ -307,22 +308,3 @@ class SparseIFT(MethodHook):
 def _set(model: nn.Module, name: str, module: nn.Module, densities: dict[str, float]) -> dict[str, float]:
     set_submodule(model, name, module)
     return densities
-
-
-def _own_flops(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -> dict[str, float]:
-    """FLOPs of each named layer itself in one forward (FlopCounterMode's per-module counts)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(model.parameters())
-    x = torch.zeros((1, *input_shape), device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    return {n: float(sum(counts.get(f"{root}.{n}", {}).values())) for n in names}
