@@ -96,3 +96,19 @@ def test_lenet5_exports_to_onnx_with_dynamic_batch(tmp_path):
         x = torch.randn(batch, 1, 28, 28)
         (got,) = session.run(None, {"x": x.numpy()})
         np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_shapes_parameter_count_and_kept_dense_head():
+    from lrdeploy.methods.selection import select_layers
+
+    model = create_model("mlp")
+    # fc1 784·1024 + 1024, fc2 1024·1024 + 1024, head 1024·10 + 10
+    assert sum(p.numel() for p in model.parameters()) == 785 * 1024 + 1025 * 1024 + 1025 * 10
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    small = create_model("mlp", width=16, depth=3, num_classes=4, in_channels=2)
+    assert [n for n, m in small.named_modules() if isinstance(m, nn.Linear)] == ["fc1", "fc2", "fc3", "head"]
+    assert small(torch.zeros(2, 2, 28, 28)).shape == (2, 4)
+    chosen, _ = select_layers(model)
+    assert chosen == ["fc1", "fc2"]  # the head is the classifier the spec names: kept dense
+    with pytest.raises(UserError, match="width"):
+        create_model("mlp", width=0)

@@ -145,7 +145,7 @@ class _Maestro:
     def _component_sq_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared norms of the surviving components: (rows of Vᵀ, columns of U)."""
         r = self._rank
-        v = self.first.weight[:r].reshape(r, -1)
+        v = self.first.weight[:r].flatten(1)  # flatten, not reshape(r, -1): a rank-0 layer has 0 elements
         u = self.second.weight[:, :r].reshape(self.second.weight.shape[0], r)
         return v.pow(2).sum(1), u.pow(2).sum(0)
 
@@ -280,7 +280,7 @@ class MaestroLinear(_Maestro, LowRankLinear):
         bias = self.second.bias
         if k == 0:
             shape = (*x.shape[:-1], self.out_features)
-            return bias.expand(shape) if bias is not None else x.new_zeros(shape)
+            return x.new_zeros(shape) + bias if bias is not None else x.new_zeros(shape)
         return F.linear(F.linear(x, self.first.weight[:k]), self.second.weight[:, :k], bias)
 
     def to_lowrank(self) -> LowRankLinear:
@@ -349,7 +349,9 @@ class MaestroConv2d(_Maestro, LowRankConv2d):
         if k == 0:  # the reference returned the bias shaped (1, 1, 1, C) here (methods.md §1.11 bug #3)
             h, w = self._output_hw(x.shape[-2], x.shape[-1])
             shape = (*x.shape[:-3], self.out_channels, h, w)
-            return bias[:, None, None].expand(shape) if bias is not None else x.new_zeros(shape)
+            # a fresh tensor, not bias.expand(): a view of a parameter made under no_grad still claims
+            # requires_grad without a grad_fn, which breaks module trackers (FLOP counting)
+            return x.new_zeros(shape) + bias[:, None, None] if bias is not None else x.new_zeros(shape)
         hidden = self.first._conv_forward(x, self.first.weight[:k], None)
         return F.conv2d(hidden, self.second.weight[:, :k], bias)
 
