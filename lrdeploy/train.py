@@ -16,6 +16,9 @@ the trainer, so one loop serves them all. A hook may define any of these methods
   Maestro's full pass + sampled pass + group lasso); first non-None answer wins. ``xb`` is the input tensor
   for single-input tasks and a tuple of tensors (in ``forward`` order) otherwise; ``bind_task(task)`` is
   called first on hooks that define it, so a hook can use ``task.loss``
+- ``lr_scale(step) -> float | None`` — a factor on the scheduled learning rate of optimiser step ``step``
+  (e.g. Cuttlefish re-warming it after the switch); must be a pure function of the step and the hook's
+  checkpointed state, so a resumed run gets the same rates
 - ``after_backward(model)``                      (e.g. mask or regularise gradients)
 - ``after_step(model)``                          (e.g. re-apply masks to weights)
 - ``on_epoch_end(epoch, model, metrics) -> nn.Module | None`` — a returned module replaces the model (e.g.
@@ -193,6 +196,17 @@ def _first(hooks: Sequence[object], method: str, *args: Any) -> Any:
     return None
 
 
+def _lr_scale(hooks: Sequence[object], step: int) -> float:
+    """The product of every hook's ``lr_scale(step)`` answer (None or a missing method: 1)."""
+    scale = 1.0
+    for hook in hooks:
+        fn = getattr(hook, "lr_scale", None)
+        answer = fn(step) if fn is not None else None
+        if answer is not None:
+            scale *= float(answer)
+    return scale
+
+
 def _call(hooks: Sequence[object], method: str, *args: Any) -> None:
     for hook in hooks:
         fn = getattr(hook, method, None)
@@ -356,7 +370,7 @@ def _train_epoch(loop: _Loop, data: Any, epoch: int, steps: int) -> dict:
     for i, (inputs, target) in enumerate(batches):
         inputs = tuple(_to_device(t, loop) for t in inputs)
         target = distributed.shard(target).to(device, non_blocking=True)
-        lr = lr_at(config, loop.step, loop.total_steps)
+        lr = lr_at(config, loop.step, loop.total_steps) * _lr_scale(loop.hooks, loop.step)
         for group in loop.optimizer.param_groups:
             group["lr"] = lr
         with loop.precision.autocast():

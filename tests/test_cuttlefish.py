@@ -434,3 +434,45 @@ def test_end_to_end_measured_k(mnist_small):
         assert all(log["layers"][n]["decision"] == "factorised" for n in names)
     structure = describe(result.model)
     assert {n: e["rank"] for n, e in structure.items()} == _factorised(log)
+
+
+def test_forced_switch_is_explained_and_the_learning_rate_rewarms(mnist_small):
+    from lrdeploy.train import lr_at
+
+    train_set, test_set = mnist_small
+    torch.manual_seed(0)
+    hook = get_method("cuttlefish", k=0, rewarm=0.25, min_rank_fraction=0.5)
+    config = TrainConfig(epochs=4, limit_train=512, **FAST)
+    train(create_model("lenet5"), train_set, None, config, hooks=[hook])
+    log = hook.manifest_record()["log"]
+    assert hook.settings["fixed_k"] == 0 and log["k_source"] == "fixed" and log["k"] == 0  # k= is fixed_k=
+    assert log["detector_window"] == 2  # scaled to a 4-epoch run (the reference's 15 is for 300 epochs)
+    assert log["forced"] and "before the stable ranks settled" in log["forced_note"]
+    assert "max_warmup_fraction" in log["forced_note"]
+    for name, entry in log["layers"].items():  # the rank floor: at least half the full rank
+        assert entry["rank"] >= math.ceil(0.5 * entry["full_rank"]), name
+    total = 4 * 512 // FAST["batch_size"]
+    start = log["switch_step"]
+    assert start == 2 * 512 // FAST["batch_size"]
+    ramp = round(0.25 * total)
+    assert hook.lr_scale(start - 1) is None and hook.lr_scale(start + ramp) is None
+    assert hook.lr_scale(start) == pytest.approx(0.1)
+    assert hook.lr_scale(start) < hook.lr_scale(start + ramp // 2) < 1.0
+    assert lr_at(config, start, total) > 0  # the trainer multiplies the schedule by the factor
+    with pytest.raises(UserError, match="k=1 and fixed_k=2"):
+        get_method("cuttlefish", k=1, fixed_k=2)
+    with pytest.raises(UserError, match="measure_runtime"):
+        get_method("cuttlefish", measure_runtime="tvm")
+
+
+def test_measure_k_in_onnx_runtime_records_the_runtime():
+    torch.manual_seed(0)
+    model = TinyResNet(width=16)
+    ranks = {n: 4 for n in BLOCK_CONVS}
+    result = measure_k(model, (3, 16, 16), ranks, batch_size=4, repeats=1, min_sample_s=0.0005,
+                       runtime="onnxruntime")
+    assert result.runtime == "onnxruntime"
+    assert all(b.dense_ms > 0 and b.factorised_ms > 0 for b in result.blocks)
+    eager = measure_k(model, (3, 16, 16), ranks, batch_size=4, repeats=1, min_sample_s=0.0005,
+                      runtime="torch")
+    assert eager.runtime == "torch"

@@ -12,21 +12,29 @@ block's layers dense vs factorised on this CPU. A layer also stays dense when it
 
 Departures from the reference code (hwang595/Cuttlefish), each deliberate:
 
-- ``max_warmup_fraction`` (default 0.5): on a short CPU run the detector (W = 15 epochs by default) cannot
-  fire, so the switch is forced after that share of the epochs and the log says ``forced: true``. Pass None
-  for the reference behaviour (never forced; the run may end dense).
+- The detector window W is scaled to the run when not given (epochs // 10 in [2, 15]; the reference's 15
+  is for 300 epochs). ``max_warmup_fraction`` (default 0.5): on a short run the detector may still not fire,
+  so the switch is forced after that share of the epochs — loudly: the log says ``forced: true`` with a
+  ``forced_note`` naming the layers whose stable ranks still moved, and ``lrdeploy train`` prints it. Pass
+  None for the reference behaviour (never forced; the run may end dense).
 - The switch happens right after the epoch whose ranks made the detector fire; the reference trains one more
   dense epoch first (an artefact of its loop, which estimates ranks before training each epoch).
 - Every factorised layer gates the switch (the reference's CIFAR ResNet-18 factorises layer2.0 but does not
   track it); ranks are capped at full rank (the reference's cap test ``int(ξ·s) > R`` lets ⌈ξ·s⌉ = R + 1
   through); ξ·s and the stable-rank ratio are rounded with a 1e-9 slack so float noise cannot move them.
-- K is measured by CPU timing in eval/inference mode rather than chosen by hand from a CUDA benchmark.
+- K is measured rather than chosen by hand from a CUDA benchmark: each block's layers, dense and
+  factorised, are timed in the deployment runtime — ONNX Runtime on a CPU (eager torch's per-operator
+  overhead hides the saving of small layers), CUDA on a GPU; ``k=2`` (the paper's value) fixes it instead.
+- ``min_rank_fraction`` is the reference's rank lower bound (a layer never drops below that share of its
+  full rank); 0 by default.
 - The extra BN is only put into convs (a BatchNorm1d between Linear factors would break sequence models);
   it is folded exactly into the first factor for deployment (:mod:`lrdeploy.layers.lowrank_bn`).
 - FD and extra BN are exclusive (UserError), but unlike the reference's argparse defaults, asking for the
   extra BN turns FD off by default instead of failing.
-- The learning rate keeps following the trainer's schedule across the switch; the reference restarts SGD at
-  the base lr and re-warms it. 1-D parameters get no weight decay in both phases.
+- After the switch the optimiser restarts (no momentum for the new factors) and the learning rate is
+  re-warmed from 10 % back to the trainer's schedule over ``rewarm`` (5 %) of the run; the reference restarts
+  SGD at the base lr and re-warms it, which on a short cosine run would undo the annealing. 1-D parameters
+  get no weight decay in both phases.
 """
 
 from __future__ import annotations
@@ -290,6 +298,7 @@ class KMeasurement:
     threads: int
     repeats: int
     blocks: list[BlockTiming] = field(default_factory=list)
+    runtime: str = "torch"  # where the blocks were timed: "onnxruntime" (CPU deployment) or "torch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -351,6 +360,32 @@ def _interleaved_medians(
     return statistics.median(samples[0]), statistics.median(samples[1])
 
 
+class _Apply(nn.Module):
+    """Each layer on its own input: one block's layers as one graph (what the runtime times)."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(layer(x) for layer, x in zip(self.layers, xs, strict=True))
+
+
+def _ort_runner(layers: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> Callable[[], Any]:
+    """The block's layers exported to ONNX and run by ONNX Runtime (CPU, all graph optimisations, the current
+    torch thread count): how a deployed CPU model executes them, weight packing and fusions included."""
+    from lrdeploy.exporters.onnx import ort_session, torch_to_onnx
+
+    module = _Apply(layers).eval()
+    proto, _ = torch_to_onnx(module, tuple(inputs), exporter="legacy", opset=17, dynamic_batch=False)
+    session = ort_session(proto.SerializeToString(), threads=torch.get_num_threads())
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
+    return lambda: session.run(None, feeds)
+
+
+TIMING_RUNTIMES = ("auto", "onnxruntime", "torch")
+
+
 def measure_k(
     model: nn.Module,
     input_shape: Sequence[int] | None,
@@ -358,19 +393,26 @@ def measure_k(
     batch_size: int = 32,
     *,
     example: torch.Tensor | tuple[Any, ...] | None = None,
-    repeats: int = 5,
-    min_sample_s: float = 0.002,
+    repeats: int = 7,
+    min_sample_s: float = 0.005,
+    runtime: str = "auto",
 ) -> KMeasurement:
-    """Time each block's candidate layers dense vs factorised on the model's device (CUDA events on a GPU);
-    K = leading blocks where that loses.
+    """Time each block's candidate layers dense vs factorised in the deployment runtime; K = leading blocks
+    where that loses.
 
+    ``runtime``: "onnxruntime" exports each block's layers (dense, and as the two factor layers) and times
+    them in an ONNX Runtime CPU session — the runtime a CPU deployment uses, not eager torch, whose
+    per-operator overhead hides the saving on small layers; "torch" times eager torch in inference mode on
+    the model's device (CUDA events on a GPU); "auto" is torch on a GPU and ONNX Runtime on the CPU.
     ``ranks`` maps candidate layer → rank it would get, or None when it stays dense anyway (no saving); its
     blocks (:func:`group_blocks`) are timed on the inputs the layers see in one eval-mode forward of a
     random normal batch of ``batch_size`` × ``input_shape`` (or of ``example``, used as given: token ids,
-    several inputs). Torch eager, inference mode, float32, the current thread count; the factorised side is
-    the deployed form (two plain layers; an extra BN folds away). A block with nothing to factorise counts
-    as not paying, so K is the index of the first block whose factorised layers are faster (speedup ≥ 1).
+    several inputs), float32, the current thread count, the two sides interleaved so load drift hits both.
+    A block with nothing to factorise counts as not paying, so K is the index of the first block whose
+    factorised layers are faster (speedup ≥ 1).
     """
+    if runtime not in TIMING_RUNTIMES:
+        raise UserError(f"unknown K timing runtime {runtime!r}", hint=f"use {', '.join(TIMING_RUNTIMES)}")
     if example is None:
         if input_shape is None:
             raise ValueError("give input_shape or example")
@@ -386,7 +428,11 @@ def measure_k(
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
 
-    result = KMeasurement(k=0, batch_size=measured_batch, threads=torch.get_num_threads(), repeats=repeats)
+    if runtime == "auto":
+        runtime = "torch" if device.type == "cuda" else "onnxruntime"
+
+    result = KMeasurement(k=0, batch_size=measured_batch, threads=torch.get_num_threads(), repeats=repeats,
+                          runtime=runtime)
     k_fixed = False
     for block, names in blocks.items():
         timing = BlockTiming(block=block, ranks={n: ranks[n] for n in names})
@@ -398,7 +444,14 @@ def measure_k(
             dense = copy.deepcopy(model.get_submodule(name)).to(device, torch.float32).eval()
             cls = LowRankConv2d if isinstance(dense, nn.Conv2d) else LowRankLinear
             pairs.append((dense, cls.from_dense(dense, rank).eval(), inputs[name].to(device)))
-        if pairs:
+        if pairs and runtime == "onnxruntime":
+            xs = [x.cpu() for _, _, x in pairs]
+            dense_s, fact_s = _interleaved_medians(
+                _ort_runner([d.cpu() for d, _, _ in pairs], xs),
+                _ort_runner([f.cpu() for _, f, _ in pairs], xs),
+                repeats, min_sample_s,
+            )
+        elif pairs:
             with torch.inference_mode():
                 dense_s, fact_s = _interleaved_medians(
                     lambda p=pairs: [d(x) for d, _, x in p],
@@ -407,6 +460,7 @@ def measure_k(
                     min_sample_s,
                     device,
                 )
+        if pairs:
             timing.dense_ms, timing.factorised_ms = dense_s * 1e3, fact_s * 1e3
             timing.speedup = dense_s / fact_s if fact_s > 0 else math.inf
         pays = timing.speedup is not None and timing.speedup >= 1.0
@@ -429,6 +483,10 @@ def measure_k(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _fraction(value: Any, upper: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= upper
+
+
 def _check_relax(relax: Any) -> list[tuple[int, float]]:
     try:
         rules = [(int(n), float(f)) for n, f in relax]
@@ -447,9 +505,10 @@ class Cuttlefish(MethodHook):
     """Trainer hook running Cuttlefish; see the module docstring. ``manifest_record()`` after training.
 
     ``epochs`` defaults to the trainer's (read when it builds the optimiser); ``window``/``tau``/``tail``/
-    ``relax`` tune the detector; ``fixed_k`` skips the timing and keeps that many leading blocks dense;
-    ``measure_batch_size`` None times K on the first training batch as seen, else on a random batch of that
-    size shaped like it.
+    ``relax`` tune the detector; ``k`` (or ``fixed_k``) skips the timing and keeps that many leading blocks
+    dense; ``measure_batch_size`` None times K on the first training batch as seen, else on a random batch
+    of that size shaped like it; ``measure_runtime`` auto|onnxruntime|torch; ``rewarm`` the share of the run
+    over which the learning rate re-warms after the switch; ``min_rank_fraction`` the rank lower bound.
     """
 
     name = "cuttlefish"
@@ -457,7 +516,7 @@ class Cuttlefish(MethodHook):
     def __init__(
         self,
         epochs: int | None = None,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
         tau: float = DEFAULT_TAU,
         tail: int | None = None,
         relax: Sequence[Sequence[float]] = DEFAULT_RELAX,
@@ -465,8 +524,12 @@ class Cuttlefish(MethodHook):
         frob_decay: bool | None = None,
         extra_bn: bool = False,
         fixed_k: int | None = None,
+        k: int | None = None,
         measure_batch_size: int | None = None,
-        measure_repeats: int = 5,
+        measure_repeats: int = 7,
+        measure_runtime: str = "auto",
+        rewarm: float = 0.05,
+        min_rank_fraction: float = 0.0,
         exclude: Sequence[str] = (),
     ) -> None:
         super().__init__()
@@ -482,16 +545,22 @@ class Cuttlefish(MethodHook):
                 return optional
             return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
+        if k is not None and fixed_k is not None and k != fixed_k:
+            raise UserError(f"cuttlefish got k={k!r} and fixed_k={fixed_k!r}", hint="k is fixed_k: give one")
+        fixed_k = fixed_k if k is None else k
         fraction = max_warmup_fraction
         checks = (
             ("epochs", count(epochs, 1), "an integer ≥ 1"),
-            ("window", count(window, 1, optional=False), "an integer ≥ 1"),
+            ("window", count(window, 1), "an integer ≥ 1 (or unset: scaled to the run)"),
             ("tau", isinstance(tau, (int, float)) and tau > 0, "positive"),
             ("tail", count(tail, 1), "an integer ≥ 1"),
             ("max_warmup_fraction", fraction is None or 0 < fraction < 1, "in (0, 1), or None: never force"),
             ("fixed_k", count(fixed_k, 0), "an integer ≥ 0"),
             ("measure_batch_size", count(measure_batch_size, 1), "an integer ≥ 1"),
             ("measure_repeats", count(measure_repeats, 1, optional=False), "an integer ≥ 1"),
+            ("measure_runtime", measure_runtime in TIMING_RUNTIMES, f"one of {', '.join(TIMING_RUNTIMES)}"),
+            ("rewarm", _fraction(rewarm, upper=0.5), "a fraction of the run in [0, 0.5] (0: no re-warm)"),
+            ("min_rank_fraction", _fraction(min_rank_fraction, upper=1.0), "in [0, 1]"),
         )
         for what, ok, want in checks:
             if not ok:
@@ -499,7 +568,9 @@ class Cuttlefish(MethodHook):
         if isinstance(exclude, str):
             exclude = [exclude]
         self.epochs = epochs
-        self.window, self.tau, self.tail = window, float(tau), tail
+        self.window, self.tau, self.tail = window, float(tau), tail  # window None: scaled to the run
+        self.measure_runtime, self.rewarm = measure_runtime, float(rewarm)
+        self.min_rank_fraction = float(min_rank_fraction)
         self.relax = _check_relax(relax)
         self.max_warmup_fraction = max_warmup_fraction
         self.frob_decay, self.extra_bn = frob_decay, bool(extra_bn)
@@ -507,16 +578,25 @@ class Cuttlefish(MethodHook):
         self.measure_batch_size, self.measure_repeats = measure_batch_size, measure_repeats
         self.exclude = list(exclude)
         self._total_epochs: int | None = epochs
+        self._total_steps: int | None = None
         self._lam = 0.0
         self._settings()
         self._reset()
+
+    @property
+    def detector_window(self) -> int:
+        """W: the setting, else scaled to the run — the reference's 15 of 300 epochs would never fire in a
+        CPU run of a few epochs; W = epochs // 10 clamped to [2, 15] keeps the same shape on short runs."""
+        if self.window is not None:
+            return self.window
+        return max(2, min(DEFAULT_WINDOW, (self._total_epochs or 0) // 10))
 
     def _settings(self) -> None:
         self.settings = {
             "epochs": self._total_epochs,
             "window": self.window,
             "tau": self.tau,
-            "tail": _tail(self.window, self.tail),
+            "tail": _tail(self.detector_window, self.tail),
             "relax": [list(r) for r in self.relax],
             "max_warmup_fraction": self.max_warmup_fraction,
             "frob_decay": self.frob_decay,
@@ -524,6 +604,9 @@ class Cuttlefish(MethodHook):
             "fixed_k": self.fixed_k,
             "measure_batch_size": self.measure_batch_size,
             "measure_repeats": self.measure_repeats,
+            "measure_runtime": self.measure_runtime,
+            "rewarm": self.rewarm,
+            "min_rank_fraction": self.min_rank_fraction,
             "exclude": list(self.exclude),
         }
 
@@ -546,6 +629,8 @@ class Cuttlefish(MethodHook):
             "switched": False,
             "switch_epoch": None,
             "forced": False,
+            "forced_note": None,
+            "switch_step": None,
             "k": None,
             "k_source": "fixed" if self.fixed_k is not None else "measured",
             "k_measurement": None,
@@ -566,7 +651,7 @@ class Cuttlefish(MethodHook):
             )
         if epochs is not None:
             self._total_epochs = epochs
-            self.settings["epochs"] = epochs
+            self._settings()
         wd = float(getattr(config, "weight_decay", 0.0))
         self._lam = wd
         self.log["weight_decay"] = wd
@@ -588,6 +673,7 @@ class Cuttlefish(MethodHook):
         if self._total_epochs is None:
             raise UserError("cuttlefish needs the number of epochs", hint="pass epochs=... to get_method")
         self._reset()
+        self.log["detector_window"] = self.detector_window
         candidates, kept = select_layers(model, self.exclude)
         self.log["kept_dense"] = kept
         self.log["params_before"] = count_params(model)
@@ -632,7 +718,8 @@ class Cuttlefish(MethodHook):
         now = distributed.agree({n: stable_rank(model.get_submodule(n).weight) for n in self._tracked})
         for name in self._tracked:
             self._history[name].append(now[name])
-        stable = update_stable(self._history, self._stable, self.window, self.tau, self.relax, self.tail)
+        stable = update_stable(self._history, self._stable, self.detector_window, self.tau, self.relax,
+                               self.tail)
         for name in stable - self._stable:
             self.log["layers"][name]["stable_after_epochs"] = len(self._history[name]) - 1
         self._stable = stable
@@ -649,7 +736,35 @@ class Cuttlefish(MethodHook):
         )
         if not (detected or forced):
             return None
+        if forced:
+            self.log["forced_note"] = self._forced_note(epoch)
         return self._switch(model, epoch, forced)
+
+    def _forced_note(self, epoch: int) -> str:
+        """Why a forced switch is a compromise, in numbers: the layers whose stable ranks still moved."""
+        moving = []
+        for name in self._tracked:
+            if name not in self._stable:
+                h = self._history[name]
+                moving.append(f"{name} {h[-2]}→{h[-1]}" if len(h) > 1 else name)
+        return (f"switched after epoch {epoch + 1} of {self._total_epochs} because max_warmup_fraction="
+                f"{self.max_warmup_fraction} ran out, before the stable ranks settled ({len(moving)} of "
+                f"{len(self._tracked)} layers still moving: {', '.join(moving[:4])}"
+                f"{' …' if len(moving) > 4 else ''}); ranks may be higher than a longer warm-up would give — "
+                f"train more epochs, or set max_warmup_fraction")
+
+    def on_schedule(self, total_steps: int) -> None:
+        self._total_steps = int(total_steps)
+
+    def lr_scale(self, step: int) -> float | None:
+        """Re-warm after the switch: the freshly factorised layers restart with no momentum, so the
+        learning rate ramps linearly from 10 % back to the schedule over ``rewarm`` of the run (the
+        reference restarts its optimiser with a warm-up for the same reason)."""
+        start = self.log.get("switch_step")
+        if start is None or self.rewarm <= 0 or not self._total_steps or step < start:
+            return None
+        ramp = max(1, round(self.rewarm * self._total_steps))
+        return None if step >= start + ramp else 0.1 + 0.9 * (step - start) / ramp
 
     def after_backward(self, model: nn.Module) -> None:
         if not (self._switched and self.frob_decay and self._lam > 0):
@@ -696,6 +811,10 @@ class Cuttlefish(MethodHook):
         planned: dict[str, int | None] = {}
         for name in self._tracked:
             rank = scaled_rank(self._history[name][-1], self._xi[name], self._full[name])
+            floor = math.ceil(self.min_rank_fraction * self._full[name] - _EPS)
+            if rank < floor:
+                layers[name]["rank_floor"] = floor
+                rank = floor
             layers[name]["rank"] = rank
             saving = saves_params(model.get_submodule(name).weight, rank)
             planned[name] = rank if saving else None
@@ -728,6 +847,8 @@ class Cuttlefish(MethodHook):
         self.log.update(
             switched=True,
             switch_epoch=epoch + 1,  # the first epoch (counting from 0) trained low-rank
+            switch_step=(round((epoch + 1) * self._total_steps / self._total_epochs)
+                         if self._total_steps and self._total_epochs else None),
             forced=bool(forced),
             k=k,
             params_after=count_params(new),
@@ -740,7 +861,7 @@ class Cuttlefish(MethodHook):
         if example is None:  # no forward was seen (a custom loop that bypassed the model's __call__)
             raise UserError("cuttlefish saw no training batch to time K on", hint="pass fixed_k=... instead")
         first = next((x for x in example if isinstance(x, torch.Tensor)), None)
-        kwargs: dict[str, Any] = {"repeats": self.measure_repeats}
+        kwargs: dict[str, Any] = {"repeats": self.measure_repeats, "runtime": self.measure_runtime}
         if self.measure_batch_size is not None and first is not None and first.is_floating_point():
             shape = tuple(first.shape[1:])
             return measure_k(model, shape, planned, self.measure_batch_size, **kwargs)
