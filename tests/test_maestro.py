@@ -329,7 +329,7 @@ def test_sequence_models_get_the_same_objective_with_padding_ignored():
     torch.manual_seed(0)
     model = create_model("transformer", src_vocab=30, tgt_vocab=20, d_model=16, nhead=2, num_encoder_layers=1,
                          num_decoder_layers=1, dim_feedforward=32, max_len=12)
-    method = MaestroMethod()
+    method = MaestroMethod(lambda_gl=5e-3, full_pass=True)  # the self-distilled objective, outside a trainer
     method.prepare(model)
     assert "generator" not in method.ranks() and "encoder.layers.0.self_attn.q_proj" in method.ranks()
     src, tgt = torch.randint(4, 30, (3, 7)), torch.randint(4, 20, (3, 6))
@@ -486,3 +486,33 @@ def test_a_layer_driven_to_rank_zero_trains_folds_and_exports(trained, tmp_path)
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert rel_l2(out, model(x).numpy()) < 1e-5
+
+
+def test_auto_lambda_scales_with_the_budget_and_defaults_follow_the_authors_scripts(trained):
+    """λ "auto" = pull / (2·√r_max · Σlr): a run with twice the steps gets about half the λ; one sampled pass
+    per step (the authors' --no-full-pass) and a bounded BN recalibration are the defaults."""
+    import copy
+
+    from lrdeploy.train import TrainConfig, lr_at, train
+
+    method = MaestroMethod()
+    assert method.settings["full_pass"] is False and method.settings["bn_limit"] == 4096
+    assert method.settings["lambda_gl"] == "auto"
+    lams = {}
+    for limit in (256, 512):
+        hook = MaestroMethod(pull=0.2)
+        config = TrainConfig(epochs=1, batch_size=64, lr=0.05, limit_train=limit, progress=False,
+                             num_threads=1)
+        train(copy.deepcopy(trained["model"]), trained["train"], None, config, hooks=[hook])
+        steps = hook._total_steps  # the trainer's count (a partial last batch is a step too)
+        lr_sum = sum(lr_at(config, t, steps) for t in range(steps))
+        r_max = max(hook.log["full_ranks"].values())
+        assert hook.log["lambda_gl"] == pytest.approx(0.2 / (2 * math.sqrt(r_max) * lr_sum))
+        assert hook.log["lambda_rule"].startswith("auto")
+        lams[limit] = (hook.log["lambda_gl"], lr_sum)
+    assert lams[512][0] * lams[512][1] == pytest.approx(lams[256][0] * lams[256][1])  # λ·Σlr is the budget
+    assert lams[512][0] < 0.6 * lams[256][0]  # twice the steps: (n/2 + 1/2)·lr under cosine, so ~1.8× less
+    fixed = MaestroMethod(lambda_gl=1e-3, lambda_scale=0.5)
+    assert fixed.lambda_gl() == pytest.approx(5e-4)
+    with pytest.raises(UserError, match="lambda_gl"):
+        MaestroMethod(lambda_gl="big")

@@ -745,11 +745,11 @@ class Cuttlefish(MethodHook):
         moving = []
         for name in self._tracked:
             if name not in self._stable:
-                h = self._history[name]
-                moving.append(f"{name} {h[-2]}→{h[-1]}" if len(h) > 1 else name)
+                moving.append(f"{name} {'→'.join(map(str, self._history[name][-3:]))}")
         return (f"switched after epoch {epoch + 1} of {self._total_epochs} because max_warmup_fraction="
                 f"{self.max_warmup_fraction} ran out, before the stable ranks settled ({len(moving)} of "
-                f"{len(self._tracked)} layers still moving: {', '.join(moving[:4])}"
+                f"{len(self._tracked)} layers not yet stable by the detector, W={self.detector_window}, "
+                f"τ={self.tau:g}: {', '.join(moving[:4])}"
                 f"{' …' if len(moving) > 4 else ''}); ranks may be higher than a longer warm-up would give — "
                 f"train more epochs, or set max_warmup_fraction")
 
