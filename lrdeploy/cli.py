@@ -241,6 +241,12 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the killed run whose checkpoint is in the checkpoint directory; "
         "give the same settings."),
+    target_accuracy_drop: float | None = typer.Option(
+        None, "--target-accuracy-drop",
+        help="Maestro: search λ (the paper's Algorithm 2) — a dense run, then Maestro runs from a large λ, "
+        "halved until the validation accuracy is within this many points of dense (10 % of the training "
+        "data held out); the first that meets it is written."),
+    search_trials: int = typer.Option(5, "--search-trials", min=1, help="At most this many λ values."),
     out: Path | None = typer.Option(
         None, "--out", help="Bundle directory (default runs/<model>-<data>-<method>)."
     ),
@@ -260,7 +266,7 @@ def train(
     check_finite("--lr", lr, minimum=0.0, strict=True, example="0.05")
     check_finite("--weight-decay", weight_decay, minimum=0.0, example="5e-4")
     check_model_fits(model, parse_settings(model_arg, "--model-arg"), "--model-arg")  # e.g. width=10**9
-    metrics = train_bundle(
+    request = (
         TrainRequest(
             model_name=model,
             dataset=data,
@@ -290,10 +296,35 @@ def train(
     )
     from lrdeploy import distributed
 
+    if target_accuracy_drop is not None:
+        _search_lambda(request, target_accuracy_drop, search_trials)
+        return
+    metrics = train_bundle(request)
     if not distributed.launched_as_main():  # under torchrun: rank 0 reports
         return
     _print_test_metrics(out, metrics)
     console.print(f"bundle written to [bold]{out}[/]")
+
+
+def _search_lambda(request: Any, target_drop: float, trials: int) -> None:
+    """`train --target-accuracy-drop`: Maestro's λ search; exit 1 when no λ met the target."""
+    from lrdeploy import distributed
+    from lrdeploy.lambda_search import search_lambda
+
+    if distributed.launched():
+        raise UserError("--target-accuracy-drop runs successive trainings in one process, not under torchrun",
+                        "run it without torchrun")
+    record = search_lambda(request, target_drop, trials=trials, say=console.print)
+    chosen = record["trials"][record["chosen_trial"]]
+    console.print(
+        f"λ = {record['lambda_gl']:.3g} chosen after {len(record['trials'])} trial(s): validation accuracy "
+        f"{chosen['validation_accuracy']:.2%} vs dense {record['dense_validation_accuracy']:.2%}, test "
+        f"accuracy {chosen['test_accuracy']:.2%} (dense {record['dense_test_accuracy']:.2%}), "
+        f"{chosen['params']:,} parameters; bundle written to [bold]{request.out}[/]")
+    if not record["met"]:
+        console.print(f"[red]no λ met the target (a drop of at most {target_drop:g} points); the least "
+                      f"regularised trial was written[/]")
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -874,10 +905,10 @@ def demo(
     ),
     data_dir: Path | None = DataDir,
     download: bool = Download,
-    epochs: int = typer.Option(4, "--epochs", min=1),
+    epochs: int = typer.Option(5, "--epochs", min=1),
     force: bool = typer.Option(False, "--force", help="Replace an earlier demo run at --out."),
 ) -> None:
-    """The main job: dense vs Cuttlefish LeNet-5 on MNIST, exported to ONNX and compared as deployed."""
+    """The main job: dense vs Cuttlefish MLP on MNIST, exported to ONNX and compared as deployed."""
     from lrdeploy.demo import run_demo
 
     report = run_demo(out=out, data_dir=data_dir, epochs=epochs, console=console, force=force)

@@ -1,8 +1,15 @@
 """`lrdeploy demo`: the main job, end to end on real MNIST with no flags and no network.
 
-train dense LeNet-5 → train LeNet-5 with Cuttlefish (full-rank warm-up, switch to factorised layers at the
-stable rank, K measured on this CPU) → export both to ONNX → compare them as deployed (ONNX Runtime, CPU).
-The MNIST files ship inside the package, so this runs offline on a fresh machine.
+train a dense MLP (784→1024→1024→10) → train the same MLP with Cuttlefish (full-rank warm-up, switch to
+factorised layers at the stable rank, K timed in ONNX Runtime) → export both to ONNX → compare them as
+deployed (ONNX Runtime, CPU). The MNIST files ship inside the package, so this runs offline on a fresh
+machine.
+
+Why an MLP and not LeNet-5: LeNet-5's 61.7k parameters run in microseconds and its convs have 6 and 16
+channels, so factorising it saves almost no work — the first demo showed a 1.05× "speed-up", which is the
+truth about LeNet-5, not about low rank. A network whose time goes into weight multiplications is where low
+rank pays: the MLP's two hidden layers are 1.8M of its 1.86M weights, Cuttlefish's stable ranks fall to ~25
+within three epochs on MNIST, and the factorised MLP runs its GEMMs with ~5× fewer weights.
 """
 
 from __future__ import annotations
@@ -13,11 +20,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-DEMO_MODEL = "lenet5"
+DEMO_MODEL = "mlp"
 DEMO_DATA = "mnist"
-# A 4-epoch run cannot wait for the paper's 15-epoch detector window; 2 epochs of history suffice on MNIST,
-# and the switch is forced at half of the epochs if the ranks have not settled by then.
-DEMO_CUTTLEFISH = {"window": 2}
+DEMO_EPOCHS = 5
+DEMO_LR = 0.1  # the reference's rate per 128 images; stable ranks fall faster than at the trainer's 0.05
+DEMO_CUTTLEFISH: dict[str, Any] = {}  # defaults: the detector window scales to the run, K timed in ORT
+PROMISE = {"speedup_b32": 2.0, "max_accuracy_drop": 0.5}  # what the main job must show (README)
 
 
 def _ranks_table(manifest: dict[str, Any]) -> Table:
@@ -61,7 +69,7 @@ def run_demo(
     out: Path,
     force: bool = False,
     data_dir: Path | None = None,
-    epochs: int = 4,
+    epochs: int = DEMO_EPOCHS,
     limit_train: int | None = None,
     limit_test: int | None = None,
     min_seconds: float = 1.0,
@@ -113,6 +121,7 @@ def _run_demo(
         "dataset": DEMO_DATA,
         "data_dir": data_dir,
         "epochs": epochs,
+        "lr": DEMO_LR,
         "limit_train": limit_train,
         "limit_test": limit_test,
         "progress": progress,
@@ -151,13 +160,44 @@ def _run_demo(
         limit_test=limit_test,
         batch_sizes=(1, 32),
         min_seconds=min_seconds,
+        max_accuracy_drop=PROMISE["max_accuracy_drop"],
         out_dir=out,  # report.json, report.md and plot.png
         progress=progress,
     )
     console.print(render_compare_table(report))
+    console.print(promise_line(report))
+    forced = read_manifest(lowrank_dir)["method"].get("log", {}).get("forced_note")
+    if forced:
+        console.print(f"[yellow]note: Cuttlefish {forced}[/]")
     console.print(
         f"\nartefacts: bundles [bold]{shown(dense_dir)}[/], [bold]{shown(lowrank_dir)}[/]; ONNX "
         f"[bold]{shown(dense_onnx)}[/], [bold]{shown(lowrank_onnx)}[/]; report [bold]{shown(report_path)}[/] "
         f"with [bold]{shown(out / 'report.md')}[/] and [bold]{shown(out / 'plot.png')}[/]"
     )
     return report
+
+
+def promise_line(report: dict[str, Any]) -> str:
+    """The main job's verdict: the batch-32 speed-up and the accuracy change against :data:`PROMISE`."""
+    speed = _speedup(report, 32)
+    drop = _accuracy_drop_points(report)
+    kept = speed is not None and drop is not None and speed >= PROMISE["speedup_b32"] \
+        and drop <= PROMISE["max_accuracy_drop"]
+    verdict = "[bold green]kept[/]" if kept else "[bold red]missed[/]"
+    speed_text = f"{speed:.2f}×" if speed is not None else "n/a"
+    change = "n/a" if drop is None else f"{-drop:+.2f}"
+    return (f"promise {verdict}: Cuttlefish {DEMO_MODEL} is {speed_text} as fast as dense at batch 32 on "
+            f"ONNX Runtime (goal ≥ {PROMISE['speedup_b32']:g}×), accuracy change {change} points "
+            f"(goal: a drop of at most {PROMISE['max_accuracy_drop']:g})")
+
+
+def _speedup(report: dict[str, Any], batch: int) -> float | None:
+    return (report.get("latency") or {}).get(str(batch), {}).get("speedup")
+
+
+def _accuracy_drop_points(report: dict[str, Any]) -> float | None:
+    """The headline metric's drop in points, from the budget check compare computed."""
+    for check in (report.get("budget") or {}).get("checks", []):
+        if check.get("name", "").endswith("drop (points)"):
+            return check.get("value")
+    return None

@@ -41,6 +41,7 @@ class TrainRequest:
     checkpoint_every: int = 1  # epochs between training checkpoints; 0: none
     checkpoint_dir: Path | None = None  # None: beside the bundle, <out>.checkpoint
     resume: bool = False  # continue the killed run whose checkpoint is in checkpoint_dir
+    holdout: float = 0.0  # share of the training split held out as a validation set (the λ search's)
 
     @property
     def checkpoints(self) -> Path:
@@ -116,6 +117,23 @@ def train_bundle(req: TrainRequest) -> dict[str, Any]:
         return _train_bundle(req)
 
 
+def split_holdout(train_set: Any, fraction: float) -> tuple[Any, Any]:
+    """(first 1 − fraction, last fraction) of an in-memory training split; the tail is the validation set."""
+    from lrdeploy.data.datasets import ArrayDataset
+
+    if not isinstance(train_set, ArrayDataset):
+        raise UserError("a validation hold-out needs an in-memory classification dataset",
+                        "use an image dataset (mnist, fashion-mnist, cifar10, your .npz or folder)")
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"the hold-out share must be in (0, 1), got {fraction!r}")
+    n = len(train_set)
+    held = max(1, min(n - 1, round(n * fraction)))
+    keep = train_set.head(n - held)
+    tail = ArrayDataset(train_set.x[n - held:], train_set.y[n - held:], train_set.name, "train[hold-out]",
+                        train_set.classes, train_set.preprocess, train_set.source, held, dict(train_set.info))
+    return keep, tail
+
+
 def _check_checkpoint_dir(req: TrainRequest) -> None:
     """A fresh run must not silently shadow an interrupted one; ``--resume`` needs one to continue."""
     from lrdeploy import checkpoint, distributed
@@ -164,6 +182,9 @@ def _train_bundle(req: TrainRequest) -> dict[str, Any]:
     train_set = task.load(ds_name, "train", data_dir=req.data_dir, limit=req.limit_train, model_args=settings)
     test_set = task.load(ds_name, "test", data_dir=req.data_dir, limit=req.limit_test,
                          manifest=task.manifest_extra(train_set), model_args=settings)
+    validation = None
+    if req.holdout:
+        train_set, validation = split_holdout(train_set, req.holdout)
     model_args = task.model_args(spec, train_set, req.model_args)
     torch.manual_seed(req.seed)  # the initial weights are part of the run: seed them too
     model = create_model(req.model_name, **model_args)
@@ -180,10 +201,14 @@ def _train_bundle(req: TrainRequest) -> dict[str, Any]:
         model = hook.prepare(model)                                        # from the checkpoint
     run = {"model": req.model_name, "model_args": model_args, "task": task.name, "dataset": ds_name,
            "method": req.method, "method_settings": req.method_settings}
-    result = train(model, train_set, test_set, config, hooks=[hook] if hook is not None else [], task=task,
-                   run=run)
+    result = train(model, train_set, validation or test_set, config, hooks=[hook] if hook is not None else [],
+                   task=task, run=run)
     model = compact(result.model.cpu())  # Maestro keeps dead components in storage while training; drop them
     metrics: dict[str, Any] = {f"test_{k}": v for k, v in result.metrics.items()}
+    if validation is not None:  # the run was judged on the held-out part; the test split is reported beside
+        metrics = {f"validation_{k}": v for k, v in result.metrics.items()}
+        metrics.update({f"test_{k}": v for k, v in task.evaluate_model(model.eval(), test_set).items()})
+        metrics["validation_samples"] = len(validation)
     metrics.update({
         "test_samples": len(test_set),
         "train_loss": result.train_loss,

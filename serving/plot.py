@@ -40,6 +40,11 @@ class Point:
     speedup: float | None
 
 
+MIN_SCORE_SPAN = 2.0
+"""Smallest score range the latency/accuracy axes show (2 points of accuracy, 2 BLEU): a 0.08-point
+difference drawn across the whole axis looks like a trade-off that is not there."""
+
+
 def _num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -199,8 +204,10 @@ def _draw_latency_accuracy(ax: Any, summary: Mapping[str, Any], points: Sequence
     ax.set_xlabel("median latency per batch (ms" + (", log scale)" if log else ")"))
     ax.margins(x=0.12, y=0.25)
     scores = [p.score for p in points]
-    if max(scores) - min(scores) < 1e-9:  # one level: give the axis a visible range around it
-        ax.set_ylim(scores[0] - 1.0, scores[0] + 1.0)
+    low, high = min(scores), max(scores)
+    if high - low < MIN_SCORE_SPAN:  # never magnify a tiny difference to fill the axis: show ≥ 2 units
+        middle = (low + high) / 2
+        ax.set_ylim(middle - MIN_SCORE_SPAN / 2 * 1.25, middle + MIN_SCORE_SPAN / 2 * 1.25)
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", alpha=0.1)
 
