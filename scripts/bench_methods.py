@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lrdeploy.bundle import load_bundle, read_manifest
 from lrdeploy.data import load_dataset
+from lrdeploy.exporters.graph_stats import graph_stats
 from lrdeploy.exporters.onnx import export_onnx
 from lrdeploy.serving.bench import benchmark
 from lrdeploy.serving.parity import accuracy, run_batched
@@ -26,11 +27,12 @@ from lrdeploy.serving.runtimes import first_output
 from lrdeploy.serving.runtimes.ort_cpu import OrtCpuRuntime
 from lrdeploy.workflows import TrainRequest, train_bundle
 
-METHODS = {
+METHODS: dict[str, dict] = {
     "dense": {},
-    # short CPU runs: a 2-epoch detector window, switch forced by half of the epochs at the latest
-    "cuttlefish": {"window": 2},
-    "maestro": {"lambda_gl": 5e-3, "threshold": 1e-5},
+    # the methods' own defaults: Cuttlefish's window scaled to the run and K timed in ONNX Runtime, Maestro's
+    # λ derived from the run's steps and learning rates (issue 13); --opt METHOD:key=value overrides
+    "cuttlefish": {},
+    "maestro": {},
 }
 
 
@@ -42,12 +44,17 @@ def main() -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--limit-train", type=int, default=10000)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--methods", default="dense,cuttlefish,maestro")
     p.add_argument("--out", type=Path, default=Path("runs/bench-methods"))
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per latency block")
+    p.add_argument("--opt", action="append", default=[], help="METHOD:key=value, e.g. maestro:pull=0.2")
     args = p.parse_args()
+    for item in args.opt:
+        method, _, setting = item.partition(":")
+        key, _, value = setting.partition("=")
+        METHODS.setdefault(method, {})[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
     args.out.mkdir(parents=True, exist_ok=True)
 
     rows: dict[str, dict] = {}
@@ -66,19 +73,23 @@ def main() -> None:
         manifest = read_manifest(bundle_dir)
         onnx_path = args.out / f"{method}.onnx"
         export_onnx(load_bundle(bundle_dir), onnx_path, optimize=False)
+        deployed = graph_stats(onnx_path)  # counted from the graph as deployed, not from the bundle
         rows[method] = {
             "test_accuracy_torch": metrics["test_accuracy"],
-            "params": manifest["params"],
-            "flops": manifest["flops"],
+            "params": deployed.params,
+            "flops": deployed.flops,
+            "params_trained": manifest["params"],
             "train_seconds": metrics["train_seconds"],
             "wall_seconds_incl_eval": wall,
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "ranks": {k: f"{v['rank']}/{v['full_rank']}" for k, v in manifest["structure"].items()},
             "method_log": {k: v for k, v in manifest["method"].items() if k != "log"}
-            | {"switch_epoch": manifest["method"].get("log", {}).get("switch_epoch"),
-               "forced": manifest["method"].get("log", {}).get("forced"),
-               "k": manifest["method"].get("log", {}).get("k")},
+            | {key: manifest["method"].get("log", {}).get(key)
+               for key in ("switch_epoch", "forced", "forced_note", "k", "lambda_gl", "lambda_rule",
+                           "epochs")},
+            "stable_rank_history": {n: e.get("stable_rank_history") for n, e in
+                                    manifest["method"].get("log", {}).get("layers", {}).items()},
             "onnx": str(onnx_path),
         }
         print(json.dumps({method: rows[method]}, indent=1, default=str), flush=True)

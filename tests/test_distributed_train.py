@@ -59,6 +59,7 @@ def test_two_processes_train_one_bundle_with_identical_replicas(two_process_run)
     assert metrics["test_accuracy"] > 0.5
 
 
+@pytest.mark.slow  # resume is bitwise-tested in one process (test_resume); this adds the torchrun case
 def test_two_processes_resume_after_sigkill_to_the_same_weights(tmp_path, env, two_process_run):
     """Every rank SIGKILLed mid-epoch 3 (a machine lost); torchrun --resume gives the uninterrupted bits."""
     # 1536 images, global batch 128: 12 steps per epoch; 30 steps = mid epoch 3

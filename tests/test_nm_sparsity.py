@@ -84,6 +84,7 @@ def test_bad_sparsity_options_are_one_line_errors(pruned, tmp_path):
                    "not an N:M sparsity pattern")
 
 
+@pytest.mark.slow
 def test_sparse_wide_with_2_4_trains_a_wider_2_4_model(data_dir):
     from lrdeploy.data import load_dataset
     from lrdeploy.layers.masked import masked_layers

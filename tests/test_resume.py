@@ -86,7 +86,7 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, env, uninterrupt
     assert not ckpt.exists(), "the checkpoint is removed once the bundle is written"
 
 
-@pytest.mark.parametrize("point", ["staged", "aside:run.checkpoint"])
+@pytest.mark.parametrize("point", ["staged", pytest.param("aside:run.checkpoint", marks=pytest.mark.slow)])
 def test_killed_while_writing_a_checkpoint_resumes_to_the_same_weights(tmp_path, env, uninterrupted, point):
     """Killed while the second checkpoint is being installed: before its journal (the first checkpoint
     stays) or after (the old one set aside, the new one not in place yet: the next reader finishes it)."""
