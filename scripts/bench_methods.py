@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--width", type=int, default=16, help="model width (0: the model takes none, e.g. lenet5)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--limit-train", type=int, default=10000)
     p.add_argument("--lr", type=float, default=0.1)
@@ -65,7 +65,8 @@ def main() -> None:
         metrics = train_bundle(
             TrainRequest(
                 model_name=args.model, dataset=args.data, data_dir=args.data_dir, method=method,
-                method_settings=dict(METHODS[method]), model_args={"width": args.width}, epochs=args.epochs,
+                method_settings=dict(METHODS[method]),
+                model_args={"width": args.width} if args.width else {}, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, limit_train=args.limit_train, out=bundle_dir,
             )
         )

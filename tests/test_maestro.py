@@ -500,14 +500,14 @@ def test_auto_lambda_scales_with_the_budget_and_defaults_follow_the_authors_scri
     assert method.settings["lambda_gl"] == "auto"
     lams = {}
     for limit in (256, 512):
-        hook = MaestroMethod(pull=0.2)
+        hook = MaestroMethod(pull=0.001)  # small enough to stay under the cap on these tiny runs
         config = TrainConfig(epochs=1, batch_size=64, lr=0.05, limit_train=limit, progress=False,
                              num_threads=1)
         train(copy.deepcopy(trained["model"]), trained["train"], None, config, hooks=[hook])
         steps = hook._total_steps  # the trainer's count (a partial last batch is a step too)
         lr_sum = sum(lr_at(config, t, steps) for t in range(steps))
         r_max = max(hook.log["full_ranks"].values())
-        assert hook.log["lambda_gl"] == pytest.approx(0.2 / (2 * math.sqrt(r_max) * lr_sum))
+        assert hook.log["lambda_gl"] == pytest.approx(0.001 / (2 * math.sqrt(r_max) * lr_sum))
         assert hook.log["lambda_rule"].startswith("auto")
         lams[limit] = (hook.log["lambda_gl"], lr_sum)
     assert lams[512][0] * lams[512][1] == pytest.approx(lams[256][0] * lams[256][1])  # λ·Σlr is the budget
@@ -516,3 +516,22 @@ def test_auto_lambda_scales_with_the_budget_and_defaults_follow_the_authors_scri
     assert fixed.lambda_gl() == pytest.approx(5e-4)
     with pytest.raises(UserError, match="lambda_gl"):
         MaestroMethod(lambda_gl="big")
+
+
+def test_dense_warmup_trains_dense_then_decomposes_and_counts_lambda_after_it(trained):
+    from lrdeploy.models import create_model
+    from lrdeploy.train import TrainConfig, lr_at, train
+
+    torch.manual_seed(0)
+    hook = MaestroMethod(dense_warmup=1)
+    model = create_model("lenet5")
+    assert hook.prepare(model) is model and not maestro_layers(model)  # still dense before training
+    config = TrainConfig(epochs=2, batch_size=32, lr=0.05, progress=False, num_threads=1)
+    result = train(model, trained["train"], trained["test"], config, hooks=[hook])
+    assert hook.log["decomposed_after_epoch"] == 1
+    assert {n for n, _ in maestro_layers(result.model)} == {"conv2", "fc1", "fc2"}
+    assert [e["epoch"] for e in hook.log["epochs"]] == [1]  # shrinking only once decomposed
+    steps = hook._total_steps
+    lr_sum = sum(lr_at(config, t, steps) for t in range(steps // 2, steps))
+    assert hook.log["lambda_gl"] == pytest.approx(min(5e-3, 0.1 / (2 * math.sqrt(120) * lr_sum)))
+    assert result.test_accuracy > 0.5

@@ -18,7 +18,8 @@ Defaults and why:
   about a tenth of a typical factor norm on any budget (LeNet-5, 474 steps at lr 0.05: λ ≈ 3.9e-4). A larger
   pull shrinks more but slows learning on short runs (126 steps: pull 0.2, λ 7e-3, left LeNet-5 at 28 %
   test accuracy, pull 0.05 at 57 %, dense 85 %). ``lambda_scale`` multiplies λ (what the λ search halves);
-  a number fixes λ as before. The paper's Algorithm 2 (start large, halve until the accuracy target holds)
+  a number fixes λ as before. "auto" is capped at 5e-3 (the reference's default) for runs too short to learn
+  anything under a larger one. The paper's Algorithm 2 (start large, halve until the accuracy target holds)
   is ``lrdeploy train --method maestro --target-accuracy-drop D`` (:mod:`lrdeploy.lambda_search`).
 - ``full_pass=False``: one sampled (ordered-dropout) pass per step, the task loss on it — what both authors'
   scripts run (``--no-full-pass``); ``full_pass=True`` adds the full pass and self-distils the sampled pass
@@ -26,6 +27,8 @@ Defaults and why:
 - BatchNorm statistics are recalibrated before each evaluation on a bounded subset of the training data
   (``bn_limit=4096`` images), not the whole set: the estimate is as good and the cost stays bounded.
 - ``threshold=1e-5`` (ε) is the reference code's default; the paper reportedly used 1e-7 (§1.5).
+- ``dense_warmup=N`` (the reference's option, 0 by default): train the dense model N epochs, then decompose
+  it by SVD (exact at full rank) and go on with Maestro; λ "auto" then counts only the decomposed steps.
 - the first conv and the classifier stay dense (``keep_first_conv``/``keep_classifier``), as in
   :func:`lrdeploy.compress.compress`; the reference's CIFAR script decomposed them too — pass False for that.
 
@@ -38,6 +41,7 @@ evaluation, as in the reference's loop, even though our trainer calls ``before_e
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,6 +59,10 @@ from lrdeploy.methods import selection
 from lrdeploy.methods.base import MethodHook, register_method
 
 MaestroLayer = MaestroLinear | MaestroConv2d
+
+LAMBDA_AUTO_MAX = 5e-3
+"""The "auto" λ never exceeds the reference's default: a run of a few dozen steps would otherwise get a λ
+whose penalty dominates the loss before the network has learnt anything."""
 
 
 def decompose(
@@ -198,6 +206,7 @@ class MaestroMethod(MethodHook):
         bn_limit: int | None = 4096,
         pull: float = 0.1,
         lambda_scale: float = 1.0,
+        dense_warmup: int = 0,
         keep_first_conv: bool = True,
         keep_classifier: bool = True,
         include: list[str] | None = None,
@@ -218,6 +227,7 @@ class MaestroMethod(MethodHook):
             ("bn_batch_size", _integer(bn_batch_size) and bn_batch_size >= 1, "an integer ≥ 1"),
             ("bn_limit", bn_limit is None or (_integer(bn_limit) and bn_limit >= 1), "an integer ≥ 1"),
             ("seed", _integer(seed), "an integer"),
+            ("dense_warmup", _integer(dense_warmup) and dense_warmup >= 0, "an integer ≥ 0 (epochs)"),
         )
         for key, ok, want in checks:
             if not ok:
@@ -234,7 +244,7 @@ class MaestroMethod(MethodHook):
             "bn_limit": bn_limit, "keep_first_conv": keep_first_conv, "keep_classifier": keep_classifier,
             "include": selection.as_patterns(include, "include"),
             "exclude": selection.as_patterns(exclude, "exclude"),
-            "sampler": sampler, "seed": seed,
+            "sampler": sampler, "seed": seed, "dense_warmup": dense_warmup,
         }
         self.layers: list[tuple[str, MaestroLayer]] = []
         self.sampler: SingleLayerSampler | None = None
@@ -243,14 +253,23 @@ class MaestroMethod(MethodHook):
         self._label_smoothing = 0.0  # from a TranslationConfig, when the seq2seq trainer builds the optimiser
         self._config: Any = None
         self._total_steps: int | None = None
+        self._start_step = 0  # the first step trained decomposed (after a dense warm-up)
         self._lambda: float | None = None
         self.log = {"decomposed": [], "full_ranks": {}, "epochs": [], "lambda_gl": None, "lambda_rule": None}
 
     # --- setup ---
 
+    @property
+    def decomposed(self) -> bool:
+        """Whether the model has been decomposed (False during a dense warm-up)."""
+        return bool(self.layers)
+
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Decompose ``model`` in place (unless it already has Maestro layers) and build the sampler."""
+        """Decompose ``model`` in place (unless it already has Maestro layers) and build the sampler; with a
+        dense warm-up, a dense model is left as it is (decomposed after ``dense_warmup`` epochs)."""
         s = self.settings
+        if s["dense_warmup"] and not maestro_layers(model) and self._epoch < s["dense_warmup"] - 1:
+            return model
         if not maestro_layers(model):
             self.log["decomposed"] = decompose(
                 model, include=s["include"], exclude=s["exclude"], keep_first_conv=s["keep_first_conv"],
@@ -284,7 +303,7 @@ class MaestroMethod(MethodHook):
         return None
 
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if not self.layers:
+        if not self.layers and not self.settings["dense_warmup"]:
             raise RuntimeError("MaestroMethod.prepare(model) must run before the optimiser is built "
                                "(another hook answered param_groups first)")
 
@@ -306,11 +325,16 @@ class MaestroMethod(MethodHook):
             if self._config is None or not self._total_steps:
                 raise RuntimeError("maestro's auto λ needs the trainer's config and schedule "
                                    "(param_groups and on_schedule run first)")
-            lr_sum = sum(lr_at(self._config, t, self._total_steps) for t in range(self._total_steps))
+            steps = range(self._start_step, self._total_steps)  # after a dense warm-up: the factorised part
+            lr_sum = sum(lr_at(self._config, t, self._total_steps) for t in steps)
             r_max = max((layer.full_rank for _, layer in self.layers), default=1)
-            self._lambda = s["pull"] / (2.0 * math.sqrt(r_max) * lr_sum) * s["lambda_scale"]
+            derived = s["pull"] / (2.0 * math.sqrt(r_max) * max(lr_sum, 1e-12))
+            capped = min(derived, LAMBDA_AUTO_MAX)
+            self._lambda = capped * s["lambda_scale"]
             self.log["lambda_rule"] = (f"auto: pull {s['pull']:g} / (2·√{r_max} · Σlr {lr_sum:.4g} over "
-                                       f"{self._total_steps} steps) × lambda_scale {s['lambda_scale']:g}")
+                                       f"{len(steps)} steps) = {derived:.3g}"
+                                       f"{f', capped at {LAMBDA_AUTO_MAX:g}' if capped < derived else ''}"
+                                       f" × lambda_scale {s['lambda_scale']:g}")
         self.log["lambda_gl"] = self._lambda
         return self._lambda
 
@@ -326,6 +350,8 @@ class MaestroMethod(MethodHook):
     def training_loss(self, model: nn.Module, xb: Any, yb: torch.Tensor):
         """Full pass + self-distilled sampled pass + λ·GL. ``xb`` may be a tuple (translation: the model
         takes ``(src, tgt_in)``, logits are N×T×V and padding targets are ignored, as in ``seq2seq``)."""
+        if not self.decomposed:  # dense warm-up: the task's own loss
+            return None
         assert self.sampler is not None
         sequence = isinstance(xb, tuple)
         # ``model`` may be a DistributedDataParallel wrapper: the full pass goes through it (one DDP forward
@@ -370,6 +396,8 @@ class MaestroMethod(MethodHook):
         return after
 
     def before_evaluate(self, model: nn.Module, train_x: Any) -> None:
+        if not self.decomposed:
+            return
         if self.settings["progressive"] and self._shrunk_epoch != self._epoch:
             self.shrink()
         if self.settings["recalibrate_bn"]:
@@ -377,8 +405,17 @@ class MaestroMethod(MethodHook):
                 model, train_x, batch_size=self.settings["bn_batch_size"], limit=self.settings["bn_limit"]
             )
 
-    def on_epoch_end(self, epoch: int, model: nn.Module, metrics: dict) -> None:
+    def on_epoch_end(self, epoch: int, model: nn.Module, metrics: dict) -> nn.Module | None:
         self._epoch = epoch
+        if not self.decomposed:  # the end of the dense warm-up: the trainer continues with a decomposed copy
+            if epoch + 1 < self.settings["dense_warmup"]:
+                return None
+            new = self.prepare(copy.deepcopy(model))
+            self.log["decomposed_after_epoch"] = epoch + 1
+            epochs = getattr(self._config, "epochs", None)
+            if self._total_steps and epochs:
+                self._start_step = round((epoch + 1) * self._total_steps / epochs)
+            return new
         if self.settings["progressive"] and self._shrunk_epoch != epoch:
             self.shrink()
         self.log["epochs"].append({"epoch": epoch, "ranks": self.ranks()})
@@ -395,7 +432,7 @@ class MaestroMethod(MethodHook):
         """The sampler's RNG and position, the epoch bookkeeping and the log (ranks live in the model)."""
         sampler = self.sampler
         return {
-            "epoch": self._epoch, "shrunk_epoch": self._shrunk_epoch,
+            "epoch": self._epoch, "shrunk_epoch": self._shrunk_epoch, "start_step": self._start_step,
             "label_smoothing": self._label_smoothing,
             "log": self.log,
             "sampler": None if sampler is None else {
@@ -407,6 +444,7 @@ class MaestroMethod(MethodHook):
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         """Restore :meth:`state_dict` onto ``model`` (rebuilt with the checkpoint's Maestro layers)."""
         self._epoch, self._shrunk_epoch = int(state["epoch"]), state["shrunk_epoch"]
+        self._start_step = int(state.get("start_step", 0))
         self._label_smoothing = float(state["label_smoothing"])
         self.log = state["log"]
         full_ranks = dict(self.log.get("full_ranks", {}))
