@@ -33,7 +33,7 @@ RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 Observer = Callable[[str, float], None]  # (what, value): "queue_seconds", "batch_rows", "batch_requests"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes *this* request, never compares tensors
 class Pending:
     """One queued request: its feeds (batch on axis 0), rows, compatibility key, and where its answer goes."""
 
@@ -89,10 +89,10 @@ class DynamicBatcher:
         self._closing = False
         self._errors: list[BaseException] = []
         self._ready = threading.Barrier(instances + 1)
-        self._threads = [threading.Thread(target=self._worker, args=(make_runner, cpus),
+        self.workers = [threading.Thread(target=self._worker, args=(make_runner, cpus),
                                           name=f"lrdeploy-{name}-{i}", daemon=True)
                          for i, cpus in enumerate(self.slices)]
-        for t in self._threads:
+        for t in self.workers:
             t.start()
         self._ready.wait()  # every instance built (or failed) before the server says it is ready
         if self._errors:
@@ -119,7 +119,7 @@ class DynamicBatcher:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        for t in self._threads:
+        for t in self.workers:
             if t.is_alive():
                 t.join(timeout)
 
@@ -137,7 +137,12 @@ class DynamicBatcher:
             batch = self._take()
             if batch is None:
                 return
-            self._execute(run, batch)
+            try:
+                self._execute(run, batch)
+            except BaseException as exc:  # noqa: BLE001 - a bug here must fail its requests, not hang them
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
 
     def _take(self) -> list[Pending] | None:
         with self._cond:
