@@ -53,7 +53,8 @@ def model_names(artefacts: Sequence[Path], names: str | None) -> list[str]:
     else:
         labels = []
         for path in artefacts:
-            base = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+            name = path.name
+            base = next((name[: -len(s)] for s in (".onnx", ".plan") if name.endswith(s)), name)
             labels.append(re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._-") or "model")
     bad = [n for n in labels if not MODEL_NAME.match(n)]
     if bad:
