@@ -98,6 +98,21 @@ def resolved(artefacts: Sequence[Path], labels: Sequence[str], figures: bool = T
                for label, p in zip(labels, artefacts, strict=True)]
 
 
+# Upper bounds of integer options, checked in the command (after lrdeploy's 64-bit check on every integer
+# option, so an absurd value gets the same message everywhere).
+LIMITS = {"--port": 65535, "--max-batch": 65536, "--instances": 256, "--requests": 10_000_000,
+          "--batch": 65536, "--seq": 65536, "--warmup": 100_000}
+
+
+def at_most(**values: int) -> None:
+    """``at_most(port=70000)`` → UserError when a value passes its flag's limit in :data:`LIMITS`."""
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if value > LIMITS[flag]:
+            raise UserError(f"{flag} {value} is above its limit {LIMITS[flag]}",
+                            f"e.g. {flag} {LIMITS[flag]}")
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -114,22 +129,23 @@ def serve(
     artefacts: list[Path] = typer.Argument(..., help="ONNX files or bundles (exported on the fly), one model "
                                            "each."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: loopback only)."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port (0: any free one, printed)."),
+    port: int = typer.Option(8000, "--port", min=0, help="Port (0: any free one, printed)."),
     names: str | None = typer.Option(None, "--names", help="Model names, comma-separated (default: the file "
                                      "stems)."),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, max=65536,
+    max_batch: int = typer.Option(32, "--max-batch", min=1,
                                   help="Largest batch a request may carry and the batcher may form."),
     max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", min=0.0, max=10_000.0,
                                        help="How long the oldest queued request waits for others to join."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Dynamic batching (off: each "
                                   "request runs alone)."),
-    instances: int = typer.Option(1, "--instances", min=1, max=256, help="Sessions per model, each pinned to "
+    instances: int = typer.Option(1, "--instances", min=1, help="Sessions per model, each pinned to "
                                   "its own share of the CPUs."),
     max_request_bytes: int = typer.Option(64 << 20, "--max-request-bytes", min=1,
                                           help="Larger request bodies are refused with 413."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (costs throughput)."),
 ) -> None:
     """Serve models over the Open Inference Protocol (KServe v2; tritonclient.http works unchanged)."""
+    at_most(port=port, max_batch=max_batch, instances=instances)
     require("starlette", "uvicorn", "prometheus_client")
     from lrdeploy.serving.model import ServedModel, ServingConfig
     from lrdeploy.serving.server import ModelServer, bind, run_forever
@@ -173,19 +189,20 @@ def loadtest(
     url: str = typer.Argument(..., help="Server address on this machine, e.g. http://127.0.0.1:8000."),
     model: str = typer.Option(..., "--model", help="Model name, as GET /v2/models/NAME knows it."),
     concurrency: str = typer.Option("1,8,32", "--concurrency", help="Concurrent clients per level."),
-    requests: int = typer.Option(1000, "--requests", min=1, max=10_000_000, help="Requests per level."),
+    requests: int = typer.Option(1000, "--requests", min=1, help="Requests per level."),
     max_seconds: float = typer.Option(60.0, "--max-seconds", min=0.1, max=3600.0,
                                       help="Time limit per level (it stops early; the table says so)."),
-    batch: int = typer.Option(1, "--batch", min=1, max=65536, help="Rows per request."),
-    seq: int = typer.Option(16, "--seq", min=1, max=65536, help="Size of other dynamic axes (sequence)."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Rows per request."),
+    seq: int = typer.Option(16, "--seq", min=1, help="Size of other dynamic axes (sequence)."),
     malformed: float = typer.Option(0.0, "--malformed", min=0.0, max=0.5, help="Share of deliberately "
                                     "malformed requests (each must get a 4xx)."),
     json_body: bool = typer.Option(False, "--json-body", help="Send JSON tensors instead of binary data."),
-    warmup: int = typer.Option(50, "--warmup", min=0, max=100_000, help="Untimed requests first."),
+    warmup: int = typer.Option(50, "--warmup", min=0, help="Untimed requests first."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
 ) -> None:
     """Load-test a served model: throughput, p50/p90/p99 latency, errors per concurrency (loopback only)."""
+    at_most(requests=requests, batch=batch, seq=seq, warmup=warmup)
     require("aiohttp")
     from lrdeploy.bench_cmd import parse_int_list
     from lrdeploy.outputs import Outputs
@@ -229,13 +246,13 @@ def triton(
                                            "engines (.plan, with the ONNX they were built from)."),
     repo: Path = typer.Option(..., "--repo", help="Model repository directory to write."),
     names: str | None = typer.Option(None, "--names", help="Model names, comma-separated (default: stems)."),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, max=65536, help="max_batch_size."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="max_batch_size."),
     max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", min=0.0, max=10_000.0,
                                        help="dynamic_batching max_queue_delay."),
     preferred: str | None = typer.Option(None, "--preferred", help="Preferred batch sizes, comma-separated "
                                          "(default: 4, 8, … up to --max-batch)."),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="Write a dynamic_batching block."),
-    instances: int = typer.Option(1, "--instances", min=1, max=256, help="instance_group count."),
+    instances: int = typer.Option(1, "--instances", min=1, help="instance_group count."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="ORT intra-op threads per instance "
                                        "(default: this machine's CPUs / --instances)."),
     url: str = typer.Option("127.0.0.1:8000", "--url", help="Triton's HTTP address, for the printed "
@@ -250,6 +267,7 @@ def triton(
     from lrdeploy.serving import triton_repo as tr
     from lrdeploy.serving.model import graph_io, tokenizer_path
 
+    at_most(max_batch=max_batch, instances=instances)
     tr._model_config_class()  # a missing tritonclient: one line, before any export
     labels = model_names(artefacts, names)
     Outputs(force=force, inputs=artefacts).directory(repo, "--repo", what="Triton model repository",

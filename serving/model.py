@@ -7,7 +7,9 @@ first axis is dynamic; others run one request at a time at their fixed batch.
 
 Text models (an encoder exported with its ``<stem>.tokenizer.json`` beside the graph) also take raw strings:
 one BYTES input (``text``, shape ``[N]``) is tokenised with that tokenizer (truncation and padding as export
-set them) into the graph's ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``).
+set them) into the graph's ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``). Each request is padded
+to its own longest sentence, so requests batch together only when their padded lengths agree (the batcher
+never pads across requests: it cannot know that a graph ignores padding).
 """
 
 from __future__ import annotations
