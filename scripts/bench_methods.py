@@ -50,7 +50,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench-methods"))
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per latency block")
     p.add_argument("--opt", action="append", default=[], help="METHOD:key=value, e.g. maestro:pull=0.2")
+    p.add_argument("--method-lr", action="append", default=[],
+                   help="METHOD=LR: that method's peak learning rate (e.g. maestro=0.05: its balanced "
+                   "factors take about twice the effective step of a dense weight; LeNet-5 diverges at 0.1)")
     args = p.parse_args()
+    method_lr = {m: float(v) for m, _, v in (item.partition("=") for item in args.method_lr)}
     for item in args.opt:
         method, _, setting = item.partition(":")
         key, _, value = setting.partition("=")
@@ -67,7 +71,8 @@ def main() -> None:
                 model_name=args.model, dataset=args.data, data_dir=args.data_dir, method=method,
                 method_settings=dict(METHODS[method]),
                 model_args={"width": args.width} if args.width else {}, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, limit_train=args.limit_train, out=bundle_dir,
+                batch_size=args.batch_size, lr=method_lr.get(method, args.lr), limit_train=args.limit_train,
+                out=bundle_dir,
             )
         )
         wall = time.perf_counter() - started
@@ -76,6 +81,7 @@ def main() -> None:
         export_onnx(load_bundle(bundle_dir), onnx_path, optimize=False)
         deployed = graph_stats(onnx_path)  # counted from the graph as deployed, not from the bundle
         rows[method] = {
+            "lr": method_lr.get(method, args.lr),
             "test_accuracy_torch": metrics["test_accuracy"],
             "params": deployed.params,
             "flops": deployed.flops,
