@@ -42,6 +42,7 @@ def search_lambda(req: Any, target_drop: float, *, trials: int = DEFAULT_TRIALS,
     _check(req, target_drop, trials, start_scale)
     check_output_dir(req.out, force=req.force)
     base = dataclasses.replace(req, holdout=HOLDOUT, checkpoint_every=0, resume=False, force=True)
+    req.out.parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/ on a fresh checkout
     with tempfile.TemporaryDirectory(prefix=f".{req.out.name}.search-", dir=req.out.parent) as tmp:
         work = Path(tmp)
         say("λ search: dense reference on the same hold-out")

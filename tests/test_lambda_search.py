@@ -14,7 +14,7 @@ RUN = ("--model", "lenet5", "--data", "mnist", "--limit-train", "1200", "--limit
 
 
 def test_search_halves_lambda_until_the_target_holds_and_records_the_path(data_dir, tmp_path):
-    out = tmp_path / "searched"
+    out = tmp_path / "runs" / "searched"  # a parent that does not exist yet, as runs/ on a fresh checkout
     # a 60-point target is met by the first, most regularised trial (λ × 8)
     r = invoke("train", *RUN, "--data-dir", data_dir, "--target-accuracy-drop", "60", "--search-trials", "3",
                "--out", out)
@@ -28,7 +28,7 @@ def test_search_halves_lambda_until_the_target_holds_and_records_the_path(data_d
     assert metrics["validation_samples"] == 120 and "test_accuracy" in metrics  # 10 % held out, test beside
     # the manifest's digest still holds after the record was added
     assert load_bundle(out).manifest["method"]["log"]["lambda_gl"] == record["lambda_gl"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["searched"]  # trials and the dense run cleaned up
+    assert sorted(p.name for p in out.parent.iterdir()) == ["searched"]  # trials and the dense run cleaned up
 
 
 @pytest.mark.slow
