@@ -138,12 +138,7 @@ def save_bundle(
         "weights_bytes": len(weights),
         **(extra or {}),
     }
-    # Before any write: unserialisable → no debris; a manifest this lrdeploy could not read back → refused.
-    manifest = json.loads(json.dumps(manifest))
-    validate_manifest(manifest, f"manifest of bundle {out_dir}",
-                      hint="lrdeploy could not load this bundle back; check the model arguments and metadata")
-    manifest[DIGEST_KEY] = manifest_digest(manifest)  # the manifest is covered by a hash, like the weights
-    text = json.dumps(manifest, indent=2) + "\n"
+    text = manifest_text(manifest, out_dir)
 
     # The directory is staged beside its destination and installed by a journalled rename, so a crash leaves
     # the old bundle or the new one; os.mkdir gives the user's umask permissions (not mkdtemp's 0700).
@@ -154,6 +149,24 @@ def save_bundle(
         _write_synced(tmp / MANIFEST, text.encode("utf-8"))
         check_bundle_destination(out_dir, force=force)  # again: something may have appeared meanwhile
     return out_dir
+
+
+def manifest_text(manifest: dict[str, Any], out_dir: str | os.PathLike) -> str:
+    """The manifest as written: JSON-round-tripped (unserialisable → an error before any write), validated
+    (a manifest this lrdeploy could not read back is refused) and covered by its digest, like the weights."""
+    manifest = json.loads(json.dumps({k: v for k, v in manifest.items() if k != DIGEST_KEY}))
+    validate_manifest(manifest, f"manifest of bundle {out_dir}",
+                      hint="lrdeploy could not load this bundle back; check the model arguments and metadata")
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    return json.dumps(manifest, indent=2) + "\n"
+
+
+def update_manifest(path: str | os.PathLike, key: str, value: Any) -> None:
+    """Set ``manifest["method"][key]`` of the bundle at ``path`` in place, re-validated and re-digested
+    (e.g. the λ search's record on the trial it chose, before that bundle is installed)."""
+    manifest = read_manifest(path)
+    manifest["method"][key] = value
+    atomic.write_text(Path(path) / MANIFEST, manifest_text(manifest, path))
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

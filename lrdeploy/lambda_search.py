@@ -13,7 +13,6 @@ The chosen trial's bundle is installed at ``--out`` with the search path recorde
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -36,7 +35,7 @@ def search_lambda(req: Any, target_drop: float, *, trials: int = DEFAULT_TRIALS,
     is False when no trial met the target; the least-regularised trial is installed then (the caller exits 1).
     """
     from lrdeploy import atomic
-    from lrdeploy.bundle import check_output_dir, read_manifest
+    from lrdeploy.bundle import check_output_dir, read_manifest, update_manifest
     from lrdeploy.workflows import train_bundle
 
     _check(req, target_drop, trials, start_scale)
@@ -78,7 +77,7 @@ def search_lambda(req: Any, target_drop: float, *, trials: int = DEFAULT_TRIALS,
                   "dense_validation_accuracy": reference, "dense_test_accuracy": dense.get("test_accuracy"),
                   "start_scale": start_scale, "trials": path, "chosen_trial": pick, "met": met,
                   "lambda_gl": path[pick]["lambda_gl"]}
-        _record_in_manifest(work / f"trial-{pick}", record)
+        update_manifest(work / f"trial-{pick}", "lambda_search", record)
         with atomic.Staging(req.out.parent, replaces=[req.out.name] if req.out.exists() else []) as stage:
             shutil.move(str(work / f"trial-{pick}"), stage.path(req.out.name))
     return record
@@ -101,16 +100,3 @@ def _check(req: Any, target_drop: float, trials: int, start_scale: float) -> Non
     if trials < 1 or start_scale <= 0:
         raise UserError("the λ search needs at least one trial and a positive start scale")
 
-
-def _record_in_manifest(bundle: Path, record: dict[str, Any]) -> None:
-    """Add the search record to a staged trial's manifest (validated and re-digested like save_bundle's)."""
-    from lrdeploy import atomic
-    from lrdeploy.bundle import DIGEST_KEY, MANIFEST, manifest_digest, read_manifest
-    from lrdeploy.manifest_schema import validate_manifest
-
-    manifest = read_manifest(bundle)
-    manifest.pop(DIGEST_KEY, None)
-    manifest["method"]["lambda_search"] = json.loads(json.dumps(record))
-    validate_manifest(manifest, f"manifest of bundle {bundle}")
-    manifest[DIGEST_KEY] = manifest_digest(manifest)
-    atomic.write_text(bundle / MANIFEST, json.dumps(manifest, indent=2) + "\n")
