@@ -22,7 +22,6 @@ import math
 import os
 import stat
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lrdeploy import atomic
+from lrdeploy import atomic, terminal
 from lrdeploy.errors import UserError
 from lrdeploy.host import cpu_info, session_options
 from lrdeploy.layers.lowrank import LowRankConv2d, LowRankLayer, LowRankLinear
@@ -401,7 +400,7 @@ class CostCache:
             return
         _WARNED.add(line)
         with contextlib.suppress(Exception):  # a closed or missing stderr must not fail the export either
-            print(line, file=sys.stderr, flush=True)
+            terminal.note(line)
 
 
 # ----------------------------------------------------------------------------------------- measurement

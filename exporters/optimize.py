@@ -274,7 +274,9 @@ def _slim_step(data: bytes) -> bytes:
     finally:
         import onnxruntime
 
-        onnxruntime.set_default_logger_severity(2)  # slim() sets ORT's global logging to ERROR; restore
+        from lrdeploy import terminal
+
+        onnxruntime.set_default_logger_severity(terminal.ort_severity())  # slim() sets it to ERROR; restore
     if not isinstance(slimmed, onnx.ModelProto):
         raise UserError("onnxslim returned no model")
     copy_metadata(proto, slimmed)

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from lrdeploy import run_record, terminal
 from lrdeploy.cli_checks import DAY_S, check_finite, check_fits, check_int64
 from lrdeploy.errors import UserError
 
@@ -44,8 +45,8 @@ def _registered_onnx_runtimes() -> str:
 
 _ONNX_RUNTIMES = _registered_onnx_runtimes()  # --runtime help: the registered kinds that run .onnx files
 
-console = Console()
-err_console = Console(stderr=True)
+console = terminal.out
+err_console = terminal.alert
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -298,6 +299,7 @@ def run_bench(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in sys.argv),
         "lrdeploy_version": __version__,
+        "run": run_record.current(),
         "models": summaries,
         **data,
         "gates": [g.to_dict() for g in gate_results],
@@ -469,10 +471,13 @@ def bench(
         windows=windows, time_limit=time_limit, max_rounds=max_rounds, gates=gate or [], names=names,
         input_shape=input_shape, dims=dim or [], include_transfer=include_transfer, profile=profile,
         profile_runs=profile_runs, samples=samples, seed=seed, json_path=json_path,
-        progress=err_console.is_terminal, force=force,
+        progress=terminal.info.is_terminal and not terminal.is_quiet(), force=force,
     )
     print_report(report, console, err_console)
-    if json_path is not None:
+    if json_path is not None and not terminal.json_on_stdout():
         console.print(f"JSON report: [bold]{json_path}[/]")
+    from lrdeploy.result_lines import bench_line
+
+    terminal.result(bench_line(report), highlight=False)
     if not report["gates_passed"]:
         raise typer.Exit(code=1)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrdeploy import __version__, atomic
+from lrdeploy import __version__, atomic, run_record
 from lrdeploy.errors import UserError
 from lrdeploy.manifest_schema import (
     BUNDLE_HINT,
@@ -40,7 +40,7 @@ _BUNDLE_HINT = "pass a directory written by lrdeploy train/compress"
 _CORRUPT_HINT = "the bundle is corrupt; re-create it"
 _RESERVED = frozenset({
     "format", "format_version", "lrdeploy_version", "created", "model", "structure", "method", "dataset",
-    "metrics", "params", "flops", "weights_sha256", "weights_bytes", "manifest_sha256",
+    "metrics", "params", "flops", "weights_sha256", "weights_bytes", "manifest_sha256", "run",
 })
 
 
@@ -136,6 +136,7 @@ def save_bundle(
         "flops": flops,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "weights_bytes": len(weights),
+        **({"run": run} if (run := run_record.current()) else {}),  # the command line that wrote it
         **(extra or {}),
     }
     text = manifest_text(manifest, out_dir)

@@ -3,88 +3,66 @@ serve, triton, loadtest."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
-from rich.console import Console
 
-from lrdeploy import bench_cmd, serve_cmd
-from lrdeploy.cli_checks import DAY_S, OneLineUsageGroup, check_arguments, print_error
+from lrdeploy import bench_cmd, rerun_cmd, run_record, serve_cmd, terminal
+from lrdeploy.cli_checks import DAY_S, OneLineUsageGroup
+from lrdeploy.cli_choices import (
+    AMP_MODES,
+    AUGMENTATIONS,
+    DATASETS,
+    DEVICES,
+    EXPORT_PRECISIONS,
+    FOLD_MODES,
+    METHODS,
+    MODELS,
+    OPTIMIZE_PRESETS,
+    PARITY_PRESETS,
+    SCHEDULES,
+    TASKS,
+    choice_option,
+)
+from lrdeploy.cli_command import EXIT_CODES, INTERNAL_ERROR, register  # noqa: F401  (INTERNAL_ERROR: API)
 from lrdeploy.errors import UserError
 
 app = typer.Typer(
     cls=OneLineUsageGroup,  # Click's usage errors as one line, like every other error
     name="lrdeploy",
     help="Train or load low-rank networks, fold them into ONNX, and prove the speed-up and parity.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
-err_console = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
+console = terminal.out  # tables and details (quiet: nothing; --json -: stderr)
+err_console = terminal.alert  # missed budgets and gates: always shown
 
 
-def user_errors(fn: F) -> F:
-    """Turn a UserError into one line on stderr and exit code 2 — no traceback for the user's mistakes."""
+def _version(value: bool) -> None:
+    if value:
+        from lrdeploy import __version__
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from lrdeploy.download_scope import downloads_allowed
-
-        try:
-            check_arguments(kwargs)  # NaN/inf, >64-bit integers, a --data-dir that is a file: before any work
-            with downloads_allowed(bool(kwargs.get("download"))):  # --download, for the whole command
-                return fn(*args, **kwargs)
-        except UserError as e:
-            print_error(e.one_line())
-            raise typer.Exit(code=UserError.exit_code) from None
-        except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
-            raise
-        except KeyboardInterrupt:
-            err_console.print("interrupted — nothing was installed (outputs appear only when complete)",
-                              soft_wrap=True, highlight=False)
-            raise typer.Exit(code=130) from None
-        except Exception as e:  # a bug: one line here, the whole traceback in a file for the report
-            if os.environ.get("LRDEPLOY_DEBUG"):
-                raise
-            where = _save_traceback()
-            err_console.print(
-                f"internal error: {type(e).__name__}: {_first_line(e)} — this is a bug in lrdeploy; the "
-                f"traceback is in {where} (LRDEPLOY_DEBUG=1 prints it); please report it",
-                markup=False, soft_wrap=True, highlight=False)
-            raise typer.Exit(code=INTERNAL_ERROR) from None
-
-    return wrapper  # type: ignore[return-value]
+        terminal.result(f"lrdeploy {__version__}", highlight=False)
+        raise typer.Exit()
 
 
-INTERNAL_ERROR = 3  # exit code of a bug (2: the user's input; 1: a missed budget, gate or preset)
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _save_traceback() -> str:
-    """Write the current exception's traceback to a file in the temp directory; return its path."""
-    import tempfile
-    import traceback
-
-    try:
-        fd, path = tempfile.mkstemp(prefix="lrdeploy-crash-", suffix=".txt")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(" ".join(sys.argv) + "\n\n" + traceback.format_exc())
-        return path
-    except OSError:
-        return "(could not be saved)"
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Every command: say more (also warnings)."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Every command: only the result line, errors."),
+) -> None:
+    """Train or load low-rank networks, fold them into ONNX, and prove the speed-up and parity."""
+    if verbose or quiet:  # `lrdeploy -q train …`: the command's own -v/-q win
+        ctx.meta["lrdeploy.verbosity"] = terminal.VERBOSE if verbose else terminal.QUIET
 
 
 DataDir = typer.Option(
@@ -92,7 +70,7 @@ DataDir = typer.Option(
     "--data-dir",
     help="Directory holding the dataset files (else $LRDEPLOY_DATA, the cache, or shipped MNIST).",
 )
-Download = typer.Option(  # read by user_errors, which allows downloads for the command's duration
+Download = typer.Option(  # read by cli_command.run_command, which allows downloads for the command's duration
     False,
     "--download",
     help="Fetch missing dataset files (checksum-verified) into --data-dir or the cache; without it, "
@@ -118,8 +96,6 @@ def _parse_batches(text: str) -> list[int]:
     return values
 
 
-@app.command("models")
-@user_errors
 def models_cmd() -> None:
     """List the models in the registry."""
     from rich.table import Table
@@ -137,6 +113,8 @@ def models_cmd() -> None:
         )
         table.add_row(spec.name, shape, str(spec.num_classes or "—"), spec.description)
     console.print(table)
+    if terminal.is_quiet():
+        terminal.result(" ".join(spec.name for spec in list_models()), highlight=False)
 
 
 def parse_settings(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -159,16 +137,12 @@ InputShape = typer.Option(
     None, "--input-shape", help="One sample's shape without the batch, e.g. 1,28,28: for a model (your own "
     "pkg.module:factory) that does not declare it.",
 )
-DeviceOption = typer.Option(
-    "auto", "--device", help="Where training runs: auto (CUDA when present), cpu, cuda or cuda:N."
-)
-AmpOption = typer.Option(
-    "off", "--amp", help="Mixed-precision training: off, bf16 or fp16 (fp16: CUDA only, with a GradScaler)."
-)
-TaskOption = typer.Option(
-    None, "--task", help="The model's task (classification, translation …): for your own model when its "
-    "factory does not declare it.",
-)
+DeviceOption = choice_option("auto", "--device", choices=DEVICES,
+                             help="Where training runs (auto: CUDA when present).")
+AmpOption = choice_option("off", "--amp", choices=AMP_MODES,
+                          help="Mixed-precision training (fp16: CUDA only, with a GradScaler).")
+TaskOption = choice_option(None, "--task", choices=TASKS,
+                           help="The model's task: for your own model when its factory does not declare it.")
 
 
 def parse_shape(text: str | None, flag: str = "--input-shape") -> tuple[int, ...] | None:
@@ -192,18 +166,15 @@ def _out_name(*parts: str) -> str:
     return "-".join(clean)
 
 
-@app.command()
-@user_errors
 def train(
-    model: str = typer.Option("lenet5", "--model", help=ModelHelp),
-    data: str = typer.Option(
-        "mnist", "--data", help="Dataset: mnist, fashion-mnist, cifar10; multi30k (with --model "
-        "transformer); or your own classification data: an .npz file or an image folder (README, "
-        "'Your own model')."
+    model: str = choice_option("lenet5", "--model", choices=MODELS, help=ModelHelp),
+    data: str = choice_option(
+        "mnist", "--data", choices=DATASETS, help="Dataset (multi30k: with --model transformer), or your own "
+        "classification data: an .npz file or an image folder (README, 'Your own model')."
     ),
     data_dir: Path | None = DataDir,
     download: bool = Download,
-    method: str = typer.Option("dense", "--method", help="dense, cuttlefish, maestro or sparse-ift."),
+    method: str = choice_option("dense", "--method", choices=METHODS, help="Training method."),
     method_opt: list[str] | None = typer.Option(
         None, "--method-opt", help="A method setting as key=value (repeatable), e.g. window=3."
     ),
@@ -220,10 +191,12 @@ def train(
     weight_decay: float | None = typer.Option(
         None, "--weight-decay", help="Weight decay (default 5e-4; translation: 0.01)."
     ),
-    schedule: str | None = typer.Option(
-        None, "--schedule", help="cosine (default) or step; translation: inverse_sqrt (default) or cosine."
+    schedule: str | None = choice_option(
+        None, "--schedule", choices=SCHEDULES, help="Learning-rate schedule (default cosine; translation: "
+        "inverse_sqrt)."
     ),
-    augment: str | None = typer.Option(None, "--augment", help="Training augmentation: crop-flip (CIFAR)."),
+    augment: str | None = choice_option(None, "--augment", choices=AUGMENTATIONS,
+                                        help="Training augmentation (crop-flip: CIFAR)."),
     limit_train: int | None = typer.Option(
         None, "--limit-train", min=1, help="Use the first N training examples."
     ),
@@ -304,7 +277,7 @@ def train(
     if not distributed.launched_as_main():  # under torchrun: rank 0 reports
         return
     _print_test_metrics(out, metrics)
-    console.print(f"bundle written to [bold]{out}[/]")
+    terminal.result(f"bundle written to [bold]{out}[/]")
 
 
 def _search_lambda(request: Any, target_drop: float, trials: int) -> None:
@@ -328,10 +301,8 @@ def _search_lambda(request: Any, target_drop: float, trials: int) -> None:
         raise typer.Exit(code=1)
 
 
-@app.command()
-@user_errors
 def init(
-    model: str = typer.Option(..., "--model", help=ModelHelp),
+    model: str = choice_option(..., "--model", choices=MODELS, help=ModelHelp),
     num_classes: int | None = typer.Option(None, "--num-classes", min=1),
     model_arg: list[str] | None = typer.Option(
         None, "--model-arg", help="A model constructor argument as key=value (repeatable), e.g. width=16."
@@ -358,11 +329,9 @@ def init(
     check_model_fits(model, model_args, "--model-arg")
     workflows.init_bundle(model_name=model, num_classes=num_classes, checkpoint=from_checkpoint, out=out,
                           force=force, model_args=model_args, input_shape=shape, task=task)
-    console.print(f"bundle written to [bold]{out}[/]")
+    terminal.result(f"bundle written to [bold]{out}[/]")
 
 
-@app.command()
-@user_errors
 def compress(
     bundle: Path = typer.Argument(..., help="Dense bundle directory."),
     rank_ratio: float | None = typer.Option(
@@ -373,8 +342,8 @@ def compress(
         None, "--sparsity", help="N:M magnitude pruning instead of SVD, e.g. 2:4 (2 of every 4 input weights "
         "kept; faster only with NVIDIA 2:4 kernels); --finetune-epochs keeps the pattern."),
     finetune_epochs: int = typer.Option(0, "--finetune-epochs", min=0),
-    data: str | None = typer.Option(
-        None, "--data", help="Dataset for fine-tuning/eval (default: the bundle's)."
+    data: str | None = choice_option(
+        None, "--data", choices=DATASETS, help="Dataset for fine-tuning/eval (default: the bundle's)."
     ),
     data_dir: Path | None = DataDir,
     download: bool = Download,
@@ -415,7 +384,7 @@ def compress(
                               force=force, device=device, amp=amp, limit_test=limit_test)
         console.print(result["table"])
         _print_test_metrics(bundle, result["metrics"])
-        console.print(f"{sparsity}-sparse bundle written to [bold]{out}[/]")
+        terminal.result(f"{sparsity}-sparse bundle written to [bold]{out}[/]")
         return
 
     result = workflows.compress_bundle(
@@ -438,7 +407,7 @@ def compress(
     )
     console.print(result["table"])
     _print_test_metrics(bundle, result["metrics"])
-    console.print(f"low-rank bundle written to [bold]{out}[/]")
+    terminal.result(f"low-rank bundle written to [bold]{out}[/]")
 
 
 def _print_test_metrics(bundle: Path, metrics: dict[str, Any]) -> None:
@@ -456,23 +425,20 @@ def _print_test_metrics(bundle: Path, metrics: dict[str, Any]) -> None:
         console.print(("test after fine-tuning " if before and before != line else "test ") + line)
 
 
-@app.command()
-@user_errors
 def export(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     out: Path = typer.Option(
         ..., "--out", help="ONNX file to write (the ORT-optimised copy goes beside it)."
     ),
     opset: int = typer.Option(20, "--opset", help="ONNX opset (checked against the installed exporter)."),
-    optimize: str = typer.Option(
-        "all",
-        "--optimize",
-        help="ORT-optimised copy <stem>.ort.onnx: none, basic (portable) or all (ORT only).",
+    optimize: str = choice_option(
+        "all", "--optimize", choices=OPTIMIZE_PRESETS,
+        help="ORT-optimised copy <stem>.ort.onnx: basic = portable ops only, all = ORT's own ops.",
     ),
-    fold: str = typer.Option(
-        "auto",
-        "--fold",
-        help="auto: per layer, keep U·V or re-multiply W, whichever ONNX Runtime runs faster.",
+    fold: str = choice_option(
+        "auto", "--fold", choices=FOLD_MODES,
+        help="auto: per layer, keep U·V (factored) or re-multiply W (dense), whichever ONNX Runtime runs "
+        "faster.",
     ),
     fold_batch: int = typer.Option(
         1, "--fold-batch", min=1, help="Batch size the fold decision is timed at."
@@ -488,9 +454,10 @@ def export(
     trt: bool = typer.Option(
         False, "--trt", help="Also build a TensorRT engine (<stem>.plan) from the ONNX file."
     ),
-    precision: str = typer.Option(
+    precision: str = choice_option(
         "fp32",
         "--precision",
+        choices=EXPORT_PRECISIONS,
         help="fp16, bf16 or int8: also write <stem>.<precision>.onnx, judged against fp32 (preset + "
         "accuracy); with --trt, the engine's precision (int8: from <stem>.int8.trt.onnx, symmetric Q/DQ).",
     ),
@@ -501,9 +468,9 @@ def export(
         False, "--sparse-weights", help="Enable 2:4 sparse tactics (TensorRT)."
     ),
     timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file."),
-    calib_data: str | None = typer.Option(
-        None, "--calib-data", help="Dataset to calibrate int8 on and judge variants with (default: the "
-        "bundle's; needed for bundles from `lrdeploy init`)."),
+    calib_data: str | None = choice_option(
+        None, "--calib-data", choices=DATASETS, help="Dataset to calibrate int8 on and judge variants with "
+        "(default: the bundle's; needed for bundles from `lrdeploy init`)."),
     force: bool = Force,
 ) -> None:
     """Fold a bundle and export it to ONNX (checked, parity-verified, manifest in metadata); --trt too.
@@ -610,7 +577,7 @@ def _export_family(bundle: Path, out: Path, shown: Any, *, opset: int, optimize:
         optimized = optimize_onnx(out, optimized_path_for(out), optimize)
     if fold == "auto":
         report.render(console)
-    console.print(
+    terminal.result(
         f"exported [bold]{shown(result.path)}[/] ({result.exporter} exporter, opset {result.opset}"
         + (f" (asked {opset}: the exporter could not convert)" if result.opset != opset else "") + ", "
         f"{result.nodes} nodes, parity rel-L2 {result.parity_rel_l2:.1e}); fold report "
@@ -701,23 +668,22 @@ def _trt_int8_graph(bundle: Path, onnx_path: Path, data_dir: Path | None, calib_
                               test_inputs=test_inputs, labels=task.labels(test, n))
 
 
-Precision = typer.Option(
+Precision = choice_option(
     None,
     "--precision",
-    help="Judge output parity with this preset: fp32, fp16, bf16 or int8 (docs/parity.md); a miss exits 1. "
+    choices=PARITY_PRESETS,
+    help="Judge output parity with this preset (docs/parity.md); a miss exits 1. "
     "A preset compares the SAME model in another precision or runtime (model.onnx vs model.int8.onnx, "
     "a bundle vs its export); a compressed model differs from the dense one by design: gate it with "
     "--max-accuracy-drop / --min-agreement instead.",
 )
 
 
-@app.command()
-@user_errors
 def compare(
     dense: Path = typer.Argument(..., help="Dense original: a bundle directory or an .onnx file."),
     candidate: Path = typer.Argument(..., help="Candidate: a bundle directory or an .onnx file."),
-    data: str | None = typer.Option(
-        None, "--data", help="Dataset (default: from the dense bundle, else mnist)."
+    data: str | None = choice_option(
+        None, "--data", choices=DATASETS, help="Dataset (default: from the dense bundle, else mnist)."
     ),
     data_dir: Path | None = DataDir,
     download: bool = Download,
@@ -800,15 +766,17 @@ def compare(
         force=force,
     )
     console.print(render_compare_table(report))
+    from lrdeploy.result_lines import compare_line
     if report.get("sparsity"):
         console.print(f"[bold]sparsity:[/] {report['sparsity']}", highlight=False)
-    if json_path:
+    if json_path and not terminal.json_on_stdout():
         console.print(f"JSON report: [bold]{json_path}[/]")
     if out:
         console.print(f"report: [bold]{out}[/] (report.json, report.md, plot.png)")
     if report.get("golden"):
         golden = report["golden"]
         console.print(f"golden set: [bold]{golden['path']}[/] ({golden['samples']} samples)")
+    terminal.result(compare_line(report), highlight=False)
     _fail_on_misses(report)
 
 
@@ -832,8 +800,6 @@ def _fail_on_misses(report: dict[str, Any]) -> None:
         raise typer.Exit(code=1)
 
 
-@app.command()
-@user_errors
 def check(
     candidate: Path = typer.Argument(..., help="Artefact to check: an .onnx file or a bundle directory."),
     golden: Path = typer.Option(
@@ -841,8 +807,9 @@ def check(
         "inputs and outputs. Check an artefact of the same model as REF (its export, or a precision variant "
         "with that precision's preset), not a different model."
     ),
-    precision: str | None = typer.Option(
-        None, "--precision", help="Preset to judge with (default: the one recorded in the golden set)."
+    precision: str | None = choice_option(
+        None, "--precision", choices=PARITY_PRESETS,
+        help="Preset to judge with (default: the one recorded in the golden set)."
     ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Intra-op threads."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
@@ -857,8 +824,12 @@ def check(
     result = check_against_golden(candidate, golden, precision=precision, threads=threads)
     console.print(render_check_table(result))
     if json_path is not None:
-        write_json(json_path, result)
-        console.print(f"JSON result: [bold]{json_path}[/]")
+        write_json(json_path, {**result, "run": run_record.current()})
+        if not terminal.json_on_stdout():
+            console.print(f"JSON result: [bold]{json_path}[/]")
+    from lrdeploy.result_lines import check_line
+
+    terminal.result(check_line(result), highlight=False)
     if not result["passed"]:
         err_console.print(
             f"[bold red]golden check failed ({result['precision']}):[/] {'; '.join(result['failures'])}",
@@ -868,8 +839,6 @@ def check(
         raise typer.Exit(code=1)
 
 
-@app.command("report")
-@user_errors
 def report_cmd(
     runs: list[Path] = typer.Argument(
         ..., help="Run directories from `lrdeploy compare --out` (or their report.json files)."
@@ -891,15 +860,15 @@ def report_cmd(
 
     Outputs(force=force, inputs=runs).files_in(out, "--out", SUMMARY_FILES)
     reports = [load_report(path) for path in runs]
-    summary = merge_reports(reports, [str(p) for p in runs])
+    summary = {**merge_reports(reports, [str(p) for p in runs]), "run": run_record.current()}
     console.print(render_summary_table(summary))
     if out is not None:
         write_summary(summary, out, force=force)
-        console.print(f"merged report: [bold]{out}[/] (summary.json, report.md, plot.png)")
+        terminal.result(f"merged report: [bold]{out}[/] (summary.json, report.md, plot.png)")
+    else:
+        terminal.result(f"merged {len(reports)} runs", highlight=False)
 
 
-@app.command()
-@user_errors
 def demo(
     out: Path = typer.Option(
         Path("runs/demo"), "--out", help="Where the demo's bundles, ONNX files and report go."
@@ -917,12 +886,27 @@ def demo(
         raise typer.Exit(code=1)
 
 
+# Every command, registered with the shared options (-v/-q, --config where listed) and its outputs, which
+# `lrdeploy rerun --out DIR` moves into DIR ("dir": DIR itself; "file": DIR/<name>).
+_TRAINED = {"out": "dir"}
+register(app, models_cmd, "models")
+register(app, train, config=True, outputs=_TRAINED,
+         reset={"resume": False, "checkpoint-dir": None, "force": False})
+register(app, init, outputs=_TRAINED, reset={"force": False})
+register(app, compress, config=True, outputs=_TRAINED, reset={"force": False})
+register(app, export, config=True, outputs={"out": "file"}, reset={"force": False})
+register(app, compare, config=True, outputs={"out": "dir", "json": "file", "save-golden": "file"},
+         reset={"force": False})
+register(app, check, outputs={"json": "file"}, reset={"force": False})
+register(app, report_cmd, "report", outputs={"out": "dir"}, reset={"force": False})
+register(app, demo, outputs={"out": "dir"}, reset={"force": False})
 # `lrdeploy bench`: options and implementation live in lrdeploy/bench_cmd.py
-app.command("bench")(user_errors(bench_cmd.bench))
+register(app, bench_cmd.bench, config=True, outputs={"json": "file"}, reset={"force": False})
 # `lrdeploy serve`, `triton`, `loadtest`: options in lrdeploy/serve_cmd.py, the work in lrdeploy.serving
-app.command("serve")(user_errors(serve_cmd.serve))
-app.command("triton")(user_errors(serve_cmd.triton))
-app.command("loadtest")(user_errors(serve_cmd.loadtest))
+register(app, serve_cmd.serve)
+register(app, serve_cmd.triton, outputs={"repo": "dir"}, reset={"force": False})
+register(app, serve_cmd.loadtest, outputs={"json": "file"}, reset={"force": False})
+register(app, rerun_cmd.rerun)
 
 
 def main() -> None:

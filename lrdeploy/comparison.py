@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from lrdeploy import __version__
+from lrdeploy import __version__, run_record
 from lrdeploy.artifacts import Artifact, resolve_artifact
 from lrdeploy.errors import UserError
 
@@ -227,6 +227,7 @@ def assemble_report(ref: Any, cand: Any, sections: dict[str, Any]) -> dict[str, 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
         "lrdeploy_version": __version__,
+        "run": run_record.current(),  # the resolved command-line configuration (lrdeploy rerun)
     }
 
 

@@ -491,6 +491,7 @@ def _manifest_spec(required: bool) -> Obj:
         DIGEST_KEY: opt(_HEX),
         "tokenizers": opt(Nullable(Obj({"src": req(_TOKENIZER), "tgt": req(_TOKENIZER)}))),
         "fold": opt(Map(Json())),
+        "run": opt(Nullable(Map(Json()))),  # lrdeploy.run_record: the command line that wrote it
     })
 
 

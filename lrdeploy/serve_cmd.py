@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from lrdeploy import run_record, terminal
 from lrdeploy.errors import UserError
 
-console = Console()
+console = terminal.out
 INSTALL_HINT = "pip install 'lrdeploy[serve]' (starlette, uvicorn, prometheus-client, tritonclient, aiohttp)"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -175,7 +175,7 @@ def serve(
         url = f"http://{host if ':' not in host else f'[{host}]'}:{bound_port}"
 
         def started() -> None:
-            console.print(f"serving {len(models)} model(s) on {url} (Open Inference Protocol: {url}/v2; "
+            terminal.result(f"serving {len(models)} model(s) on {url} (Open Inference Protocol: {url}/v2; "
                           f"metrics: {url}/metrics); SIGTERM or Ctrl-C drains and stops", highlight=False,
                           soft_wrap=True)
             sys.stdout.flush()
@@ -232,11 +232,16 @@ def loadtest(
     if json_path is not None:
         from lrdeploy import atomic
 
-        atomic.write_text(json_path, json.dumps(result, indent=2) + "\n")
-        console.print(f"JSON result: [bold]{json_path}[/]")
+        atomic.write_text(json_path, json.dumps({**result, "run": run_record.current()}, indent=2) + "\n")
+        if not terminal.json_on_stdout():
+            console.print(f"JSON result: [bold]{json_path}[/]")
+    from lrdeploy.result_lines import loadtest_line
+
+    terminal.result(loadtest_line(result), highlight=False)
     if result["errors"]:
         firsts = [e for lv in result["levels"] for e in lv["first_errors"]][:3]
-        console.print(f"[bold red]{result['errors']} error(s):[/] {'; '.join(firsts)}", highlight=False)
+        terminal.alert.print(f"[bold red]{result['errors']} error(s):[/] {'; '.join(firsts)}",
+                             highlight=False)
         raise typer.Exit(code=1)
 
 
@@ -300,7 +305,7 @@ def triton(
         console.print(f"[bold]{model.name}[/]: {config} ({model.platform}, max_batch_size "
                       f"{tr.validate_config(config.read_text(), model).max_batch_size}; valid ModelConfig)",
                       highlight=False)
-    console.print(f"serve it:  tritonserver --model-repository={repo.resolve()}", highlight=False,
-                  soft_wrap=True)
+    terminal.result(f"serve it:  tritonserver --model-repository={repo.resolve()}", highlight=False,
+                    soft_wrap=True)
     for model in ordered:
         console.print(f"load-test: {tr.perf_analyzer_command(model, url)}", highlight=False, soft_wrap=True)

@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from lrdeploy import distributed
+from lrdeploy import distributed, terminal
 from lrdeploy.checkpoint import load_checkpoint, save_checkpoint
 from lrdeploy.data.augment import get_augmentation
 from lrdeploy.devices import (
@@ -245,9 +244,9 @@ def _progress(enabled: bool) -> Progress:
         MofNCompleteColumn(),
         TextColumn("{task.fields[stats]}"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=terminal.info,  # epoch lines are printed on it too: -q silences both
         transient=True,
-        disable=not enabled,
+        disable=not enabled or terminal.is_quiet(),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from lrdeploy import run_record
 from lrdeploy.errors import UserError
 
 
@@ -617,7 +618,8 @@ def export_bundle(
     if report.layers:
         measure_in_model(report, model, Path(out), fold_batch, threads)
     atomic.write_text(
-        Path(out).with_suffix(".fold.json"), json.dumps(report.to_dict(), indent=2, default=str)
+        Path(out).with_suffix(".fold.json"),
+        json.dumps({**report.to_dict(), "run": run_record.current()}, indent=2, default=str)
     )
     assets = getattr(model, "export_assets", None)  # an encoder's tokenizer: the artefact is usable alone
     for suffix, data in (assets() if callable(assets) else {}).items():

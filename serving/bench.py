@@ -619,11 +619,12 @@ def _progress(enabled: bool, total: int | None) -> Iterator[Callable[[str | None
     if not enabled:
         yield lambda description, steps: None
         return
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lrdeploy import terminal
+
     with Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+                  TimeElapsedColumn(), console=terminal.info, transient=True) as bar:
         task = bar.add_task("", total=total)
 
         def advance(description: str | None, steps: int) -> None:

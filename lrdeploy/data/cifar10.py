@@ -29,7 +29,6 @@ import io
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrdeploy import atomic
+from lrdeploy import atomic, terminal
 from lrdeploy.data.checksum import is_verified, mark_verified
 from lrdeploy.data.datasets import (
     ArrayDataset,
@@ -323,10 +322,9 @@ def load_cifar10(
     partial = any(b.partial for b in batches)
     if partial:
         expected = PER_BATCH * len(batches)
-        print(
+        terminal.note(
             f"warning: {folder} holds a PARTIAL copy of {TITLE} {split} ({total} of {expected} records) — "
-            "fine for pipeline tests, not for measuring accuracy",
-            file=sys.stderr,
+            "fine for pipeline tests, not for measuring accuracy"
         )
     n = total if limit is None else min(limit, total)
     pixels, labels, taken = [], [], 0

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrdeploy import terminal
 from lrdeploy.errors import UserError
 from lrdeploy.models.registry import ModelSource, ModelSpec, builder_defaults, register_model_source
 
@@ -61,8 +62,8 @@ def announce_bundle_import(name: str, bundle: str | os.PathLike) -> None:
     if _refused(top) or importlib.util.find_spec(top) is None:  # nothing will run: the error says why
         return
     _ANNOUNCED.add(module)
-    print(f"note: loading bundle {bundle} imports Python module '{module}' (model {name}); that runs the "
-          "module's code — load bundles of user modules only from sources you trust", file=sys.stderr)
+    terminal.note(f"note: loading bundle {bundle} imports Python module '{module}' (model {name}); that runs "
+                  "the module's code — load bundles of user modules only from sources you trust")
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
