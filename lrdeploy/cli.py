@@ -290,14 +290,14 @@ def _search_lambda(request: Any, target_drop: float, trials: int) -> None:
                         "run it without torchrun")
     record = search_lambda(request, target_drop, trials=trials, say=console.print)
     chosen = record["trials"][record["chosen_trial"]]
-    console.print(
+    terminal.result(
         f"λ = {record['lambda_gl']:.3g} chosen after {len(record['trials'])} trial(s): validation accuracy "
         f"{chosen['validation_accuracy']:.2%} vs dense {record['dense_validation_accuracy']:.2%}, test "
         f"accuracy {chosen['test_accuracy']:.2%} (dense {record['dense_test_accuracy']:.2%}), "
         f"{chosen['params']:,} parameters; bundle written to [bold]{request.out}[/]")
     if not record["met"]:
-        console.print(f"[red]no λ met the target (a drop of at most {target_drop:g} points); the least "
-                      f"regularised trial was written[/]")
+        err_console.print(f"[red]no λ met the target (a drop of at most {target_drop:g} points); the least "
+                          f"regularised trial was written[/]")
         raise typer.Exit(code=1)
 
 
@@ -639,7 +639,7 @@ def _print_variant(variant: Any, shown: Any = lambda p: p) -> None:
     # no labels (an encoder's embeddings, random data): the output cosine instead of an accuracy delta
     quality = (f"accuracy delta {100 * acc['delta']:+.2f} points" if "delta" in acc
                else f"cosine {variant.parity.get('cosine', float('nan')):.4f}")
-    console.print(
+    (terminal.alert if variant.passed is False else console).print(  # a miss says why, even with -q
         f"{variant.precision} variant [bold]{shown(variant.dst)}[/] ({variant.method}): "
         f"rel-L2 {variant.parity.get('rel_l2', float('nan')):.1e}, {quality} — {verdict}"
     )
@@ -882,6 +882,10 @@ def demo(
     from lrdeploy.demo import run_demo
 
     report = run_demo(out=out, data_dir=data_dir, epochs=epochs, console=console, force=force)
+    if terminal.is_quiet():
+        from lrdeploy.demo import promise_line
+
+        terminal.result(promise_line(report))
     if not report["budget"]["passed"]:
         raise typer.Exit(code=1)
 

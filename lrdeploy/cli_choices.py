@@ -10,7 +10,7 @@ command class before help is drawn) appends the values to the option's help.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import typer
@@ -56,22 +56,32 @@ class Choices:
                 raise typer.BadParameter(e.one_line().removeprefix(f"{flag} ")) from None
         return value
 
-    def complete(self, ctx: typer.Context, param: typer.CallbackParam, incomplete: str) -> list[str]:
+    def complete(self, incomplete: str) -> list[str]:
         """Shell completion: the registered values that start with what was typed."""
         return [n for n in self.names() if n.startswith(incomplete)]
 
 
 def choice_option(default: Any, *flags: str, choices: Choices, help: str = "", **kwargs: Any) -> Any:
     """A Typer option whose values come from ``choices`` (listed in --help, validated, completed)."""
-    return typer.Option(default, *flags, help=help, callback=choices.check, shell_complete=choices.complete,
-                        **kwargs)
+    option = typer.Option(default, *flags, help=help, callback=choices.check, autocompletion=choices.complete,
+                          **kwargs)
+    option.lrdeploy_choices = choices  # read by :func:`choices_of` when the command is registered
+    return option
 
 
-def fill_choices(params: Sequence[Any]) -> None:
+def choices_of(fn: Callable[..., Any]) -> dict[str, Choices]:
+    """Parameter name -> :class:`Choices` of a command function's choice options."""
+    import inspect
+
+    return {name: p.default.lrdeploy_choices for name, p in inspect.signature(fn).parameters.items()
+            if isinstance(getattr(p.default, "lrdeploy_choices", None), Choices)}
+
+
+def fill_choices(params: Sequence[Any], choices: Mapping[str, Choices]) -> None:
     """Append each choice option's registered values to its help (called just before help is drawn)."""
     for param in params:
-        owner = getattr(getattr(param, "_custom_shell_complete", None), "__self__", None)
-        if isinstance(owner, Choices):
+        owner = choices.get(param.name)
+        if owner is not None:
             base = getattr(param, "_lrdeploy_help", None)
             if base is None:
                 base = param._lrdeploy_help = (param.help or "").rstrip()

@@ -24,7 +24,7 @@ from typer.core import TyperCommand
 
 from lrdeploy import terminal
 from lrdeploy.cli_checks import check_arguments, get_current_context, print_error
-from lrdeploy.cli_choices import fill_choices
+from lrdeploy.cli_choices import choices_of, fill_choices
 from lrdeploy.errors import UserError
 
 OK, MISSED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = 0, 1, 2, 3, 130
@@ -37,7 +37,7 @@ class LrdeployCommand(TyperCommand):
     """A command whose help lists each choice option's registered values (read when help is drawn)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        fill_choices(self.params)
+        fill_choices(self.params, CHOICES.get(self.name or "", {}))
         return super().format_help(ctx, formatter)
 
 
@@ -52,6 +52,7 @@ class CommandSpec:
 
 
 COMMANDS: dict[str, CommandSpec] = {}
+CHOICES: dict[str, dict[str, Any]] = {}  # command -> parameter -> cli_choices.Choices
 
 
 def _shared_parameters(config: bool) -> list[inspect.Parameter]:
@@ -78,6 +79,7 @@ def register(app: typer.Typer, fn: Callable[..., Any], name: str | None = None, 
     """Add ``fn`` to ``app`` as command ``name`` with the shared options and error handling."""
     name = name or fn.__name__.replace("_cmd", "").replace("_", "-")
     COMMANDS[name] = CommandSpec(name, dict(outputs or {}), dict(reset or {}))
+    CHOICES[name] = choices_of(fn)
 
     @functools.wraps(fn)
     def command(*args: Any, verbose: bool = False, quiet: bool = False, config: Path | None = None,

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from lrdeploy import cli_checks as cc
 from lrdeploy.cli import app
+from lrdeploy.cli_command import CHOICES
 from lrdeploy.errors import UserError
 
 runner = CliRunner()
@@ -51,9 +52,11 @@ def _options_of(kind: type) -> list[tuple[str, str, list[str]]]:
         hints = typing.get_type_hints(inspect.unwrap(info.callback))
         command = group.commands[name]
         required: list[str] = []
+        choices = CHOICES.get(name, {})
         for param in command.params:
-            if param.required:
-                required += ["x"] if param.param_type_name == "argument" else [param.opts[0], "x"]
+            if param.required:  # a value that passes: a registered one where the option has choices
+                value = choices[param.name].names()[0] if param.name in choices else "x"
+                required += [value] if param.param_type_name == "argument" else [param.opts[0], value]
         for param in command.params:
             hint = hints.get(param.name)
             if param.param_type_name == "option" and hint in (kind, kind | None):
