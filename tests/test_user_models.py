@@ -156,7 +156,7 @@ def test_user_module_flags_and_errors(user_module, tmp_path):
     assert "--input-shape is needed" in one_error_line(r)
     r = invoke("init", "--model", f"{user_module}:build", "--task", "nosuchtask", "--input-shape", "1,28,28",
                "--out", "b")
-    assert "unknown task 'nosuchtask'" in one_error_line(r)
+    assert "'nosuchtask' is not a known task" in one_error_line(r)
     r = invoke("init", "--model", f"{user_module}:build", "--task", "classification", "--input-shape",
                "3,32,32", "--out", "b")
     assert "cannot take one input of shape 3,32,32" in one_error_line(r)
