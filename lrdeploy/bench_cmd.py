@@ -32,6 +32,7 @@ from rich.text import Text
 
 from lrdeploy import run_record, terminal
 from lrdeploy.cli_checks import DAY_S, check_finite, check_fits, check_int64
+from lrdeploy.cli_choices import ONNX_RUNTIMES
 from lrdeploy.errors import UserError
 
 SCHEMA = "lrdeploy.bench/1"
@@ -427,7 +428,8 @@ def bench(
         show_default=False,
     ),
     batch: str = typer.Option("1,32", "--batch", help="Batch sizes to sweep, comma-separated."),
-    runtime: str = typer.Option("ort-cpu", "--runtime", help=f"Runtime for every model: {_ONNX_RUNTIMES}."),
+    runtime: str = typer.Option("ort-cpu", "--runtime", help=f"Runtime for every model: {_ONNX_RUNTIMES}.",
+                                autocompletion=ONNX_RUNTIMES.complete),
     threads: int | None = typer.Option(
         None, "--threads", min=1, help="Intra-op threads, pinned and recorded (default: the usable CPUs)."
     ),

@@ -38,6 +38,7 @@ app = typer.Typer(
     epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # Click's plain help: it wraps at any width where Rich's panels cut option names
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = terminal.out  # tables and details (quiet: nothing; --json -: stderr)
@@ -222,7 +223,7 @@ def train(
         "data held out); the first that meets it is written."),
     search_trials: int = typer.Option(5, "--search-trials", min=1, help="At most this many λ values."),
     out: Path | None = typer.Option(
-        None, "--out", help="Bundle directory (default runs/<model>-<data>-<method>)."
+        None, "--out", help="Bundle directory (default: runs/MODEL-DATA-METHOD)."
     ),
     force: bool = Force,
 ) -> None:

@@ -72,7 +72,7 @@ def test_help_lists_the_registered_values():
     from lrdeploy.tasks import list_tasks
 
     def helptext(command: str) -> str:
-        return " ".join(cli(command, "-h").stdout.replace("│", " ").split())
+        return " ".join(runner.invoke(app, [command, "-h"], terminal_width=1000).stdout.split())
 
     train, export, bench, compare = (helptext(c) for c in ("train", "export", "bench", "compare"))
     assert all(m in train for m in list_methods("training")) and "dense" in train
@@ -91,7 +91,7 @@ def test_a_newly_registered_method_appears_without_a_cli_edit():
         pass
 
     try:
-        text = " ".join(cli("train", "-h").stdout.replace("│", " ").split())
+        text = " ".join(runner.invoke(app, ["train", "-h"], terminal_width=1000).stdout.split())
         assert "test-only-method" in text
         r = cli("train", "--method", "test-only-methd", "--out", "never")
         assert r.exit_code == 2 and "did you mean test-only-method" in r.stderr
