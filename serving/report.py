@@ -96,10 +96,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from lrdeploy import atomic
+from lrdeploy.tables import fit
 
 SCHEMA = "lrdeploy.compare/1"
 # Rounds whose speed-ups differ by more than this factor are flagged: baseline.md saw 1-2 % typical and
@@ -622,14 +624,28 @@ def _environment_caption(env: Mapping[str, Any]) -> str | None:
     return " · ".join(parts) or None
 
 
-def render_bench_table(bench: Any) -> Table:
-    """All runtimes × batch sizes of a ``BenchResult`` (or its dict), speed-ups vs the reference."""
+def _ms_value(v: Any) -> str:
+    """A time in ms without the unit (the column header carries it)."""
+    return _ms(v).removesuffix(" ms")
+
+
+# (header, justify) of the bench table; numbers never wrap, the model name folds. At 80 columns the first
+# seven fit for names up to 16 characters; round spread and runs then go to a second table (see ``fit``).
+_BENCH_COLUMNS = (("batch", "right"), ("model", "left"), ("median\nms", "right"), ("p90\nms", "right"),
+                  ("p99\nms", "right"), ("samples/s", "right"), ("speed-up", "right"),
+                  ("round\nspread", "right"), ("runs", "right"))
+
+
+def render_bench_table(bench: Any) -> RenderableType:
+    """All runtimes × batch sizes of a ``BenchResult`` (or its dict), speed-ups vs the reference; a console
+    too narrow for every column gets them in two tables, each led by batch and model."""
     data = bench.to_dict() if hasattr(bench, "to_dict") else dict(bench)
     reference = data.get("reference", "")
     table = Table(title=f"lrdeploy bench (reference: {reference})",
                   caption=_environment_caption(_d(data, "environment")))
-    for col in ("batch", "runtime", "median", "p90", "p99", "samples/s", "runs", "speed-up", "round spread"):
-        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for header, justify in _BENCH_COLUMNS:
+        model = header == "model"
+        table.add_column(header, justify=justify, overflow="fold" if model else "ellipsis", no_wrap=not model)
     batches = _d(data, "batches")
     for batch in sorted(batches, key=_batch_key):
         res = batches[batch]
@@ -638,12 +654,12 @@ def render_bench_table(bench: Any) -> Table:
             spread = _num(_d(res, "ratio_spread").get(name))
             spread_text = Text(_NA) if name == reference or spread is None else Text(
                 f"{spread:.2f}×", style="bold yellow" if spread > UNSTABLE_SPREAD else "")
-            table.add_row(str(batch), name, _ms(stats.get("median_ms")), _ms(stats.get("p90_ms")),
-                          _ms(stats.get("p99_ms")), _rate(stats.get("throughput")),
-                          _scalar(stats.get("runs")),
-                          Text("reference") if name == reference else _speedup_text(speedup), spread_text)
+            table.add_row(str(batch), name, _ms_value(stats.get("median_ms")), _ms_value(stats.get("p90_ms")),
+                          _ms_value(stats.get("p99_ms")), _rate(stats.get("throughput")),
+                          Text("reference") if name == reference else _speedup_text(speedup), spread_text,
+                          _scalar(stats.get("runs")))
         table.add_section()
-    return table
+    return fit(table, keys=2)
 
 
 # --------------------------------------------------------------------------------------------- markdown
