@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,9 @@ from rich.table import Table
 from rich.text import Text
 
 ELLIPSIS = "…"
-FOLD_FLOOR = 12  # a folding column is given at least its longest word, up to this many cells, before a split
+FOLD_FLOOR = 20  # a folding column keeps its longest word (a name) whole up to this width before a split
+TEXT_FLOOR = 16  # and a column of text wraps no narrower than this
+HEADER_FLOOR = 6  # a header this short is never wrapped ("p90 ms"); a longer one breaks between words
 
 
 def fit(table: Table, keys: int = 1) -> FittedTable:
@@ -33,7 +36,12 @@ def fit(table: Table, keys: int = 1) -> FittedTable:
 class FittedTable:
     """A Rich renderable: ``table`` whole when it fits ``options.max_width`` with no cell elided, else the
     fewest parts, in column order, each led by the first ``keys`` columns; the title is on every part (the
-    later ones say "continued"), the caption under the first."""
+    later ones say "continued"), the caption under the first.
+
+    A part fits when every column can have what it needs (:func:`_sizes`: a ``no_wrap`` column its widest
+    cell, a folding one its floor, any other its longest word); its columns are then given fixed widths,
+    the widest shrunk first, so Rich neither elides nor squeezes a column below that, and a header wider
+    than its column is wrapped: "b32 median" over "0.100 ms" becomes two lines only where room is short."""
 
     def __init__(self, table: Table, keys: int = 1) -> None:
         self.table = table
@@ -47,40 +55,43 @@ class FittedTable:
 
     def parts(self, console: Console, options: ConsoleOptions) -> list[Table]:
         """The tables to print at ``options.max_width``: one when the whole table fits."""
-        n = len(self.table.columns)
-        whole = self._part(console, options, list(range(n)), 0, 1)
-        if fits(console, options, whole):
+        sizes = [_sizes(console, options, column) for column in self.table.columns]
+        width = options.max_width
+        n = len(sizes)
+        whole = self._part(list(range(n)), sizes, width, 0)
+        if whole is not None and renders_within(console, options, whole):
             return [whole]
-        if n <= self.keys + 1:  # nothing to split off: let Rich fold what it must
-            return [self._part(console, options, list(range(n)), 0, 1, floors=False)]
         keys = list(range(self.keys))
         groups: list[list[int]] = []
-        current: list[int] = []
         for index in range(self.keys, n):
-            if current and not fits(console, options, self._part(console, options, keys + current + [index],
-                                                                  0, 1)):
-                groups.append(current)
-                current = []
-            current.append(index)
-        groups.append(current)
+            trial = self._part(keys + groups[-1] + [index], sizes, width, 0) if groups else None
+            if trial is not None and renders_within(console, options, trial):
+                groups[-1].append(index)
+            else:
+                groups.append([index])
         parts = []
-        for i, group in enumerate(groups):
-            part = self._part(console, options, keys + group, i, len(groups))
-            if not fits(console, options, part):  # one column too wide even alone: let Rich fold it
-                part = self._part(console, options, keys + group, i, len(groups), floors=False)
-            parts.append(part)
+        for number, group in enumerate(groups or [[]]):
+            indices = keys + group
+            part = self._part(indices, sizes, width, number)
+            parts.append(part if part is not None else self._part(indices, None, width, number))
         return parts
 
-    def _part(self, console: Console, options: ConsoleOptions, indices: Sequence[int], number: int,
-              count: int, floors: bool = True) -> Table:
-        """A copy of the table with the columns ``indices``; part ``number`` of ``count``."""
+    def _part(self, indices: Sequence[int], sizes: Sequence[tuple[int, int, int]] | None, width: int,
+              number: int) -> Table | None:
+        """A copy of the table with the columns ``indices`` at fixed widths that fit ``width`` (None when
+        they cannot; with no ``sizes``, widths left to Rich), as part ``number``: a later part says
+        "continued" and has no caption."""
         table = self.table
         part = copy.copy(table)
-        part.columns = [
-            dataclasses.replace(table.columns[i], _index=j,
-                                min_width=_floor(console, options, table.columns[i]) if floors else None)
-            for j, i in enumerate(indices)
-        ]
+        part.columns = [dataclasses.replace(table.columns[i], _index=j) for j, i in enumerate(indices)]
+        if sizes is not None:
+            widths = _shrink([sizes[i] for i in indices], width - _chrome(part))
+            if widths is None:
+                return None
+            for column, w in zip(part.columns, widths, strict=True):
+                column.width = w
+                if isinstance(column.header, str) and cell_len(column.header) > w:  # Rich would not wrap it
+                    column.header = "\n".join(textwrap.wrap(column.header, w, break_long_words=False))
         if number and table.title is not None:
             part.title = Text.assemble(table.title, " (continued)") if isinstance(table.title, Text) \
                 else f"{table.title} (continued)"
@@ -89,25 +100,60 @@ class FittedTable:
         return part
 
 
-def _floor(console: Console, options: ConsoleOptions, column: Any) -> int | None:
-    """The least width of a column: its own ``min_width``, or for a folding column its longest word (at most
-    :data:`FOLD_FLOOR`), so that squeezing the table folds words only past that."""
-    if column.min_width is not None or column.overflow != "fold" or column.no_wrap:
-        return column.min_width
-    words = [Measurement.get(console, options, c).minimum for c in (column.header, *column.cells)]
-    return min(max(words, default=1), FOLD_FLOOR)
+def _sizes(console: Console, options: ConsoleOptions, column: Any) -> tuple[int, int, int]:
+    """(needed, cells, natural) content width of a column. Its cells need: in a ``no_wrap`` column, the
+    widest; else the longest word (in a folding column at most :data:`FOLD_FLOOR`: a longer name is folded)
+    and at least :data:`TEXT_FLOOR`, or the widest cell where that is less. Its header needs its longest word
+    (:data:`HEADER_FLOOR` at least): a header wider than its column is wrapped (:meth:`FittedTable._part`),
+    even in a ``no_wrap`` column. ``cells`` is the widest cell, ``natural`` the widest of cells and header."""
+    cells = [Measurement.get(console, options, c) for c in column.cells] or [Measurement(1, 1)]
+    header = Measurement.get(console, options, column.header)
+    widest = max(m.maximum for m in cells)
+    if column.no_wrap:
+        need = widest
+    else:
+        longest = max(m.minimum for m in cells)
+        if column.overflow == "fold":
+            longest = min(longest, FOLD_FLOOR)
+        need = min(widest, max(longest, TEXT_FLOOR))
+    floor = column.min_width or 1
+    need = max(need, min(header.maximum, max(header.minimum, HEADER_FLOOR)), floor)
+    return need, max(widest, need), max(widest, header.maximum, floor)
 
 
-def fits(console: Console, options: ConsoleOptions, renderable: Table) -> bool:
-    """Whether ``renderable`` renders within ``options.max_width`` with no more "…" than its text holds."""
+def _shrink(sizes: Sequence[tuple[int, int, int]], room: int) -> list[int] | None:
+    """Natural widths shrunk until they fit ``room`` (None when the needs alone do not): first headers wider
+    than their cells (they wrap), then cells, the widest column above its need first."""
+    if sum(need for need, _, _ in sizes) > room:
+        return None
+    widths = [natural for _, _, natural in sizes]
+    for floors in ([cells for _, cells, _ in sizes], [need for need, _, _ in sizes]):
+        while sum(widths) > room:
+            over = [i for i, floor in enumerate(floors) if widths[i] > floor]
+            if not over:
+                break
+            widths[max(over, key=lambda i: widths[i])] -= 1
+    return widths
+
+
+def _chrome(table: Table) -> int:
+    """Cells a table adds around its columns' content: padding and borders."""
+    _, right, _, left = table.padding
+    n = len(table.columns)
+    pad = n * (left + right) - (0 if table.pad_edge or not n else left + right)
+    return pad + ((2 if table.show_edge else 0) + max(n - 1, 0) if table.box else 0)
+
+
+def renders_within(console: Console, options: ConsoleOptions, table: Table) -> bool:
+    """Whether Rich draws ``table`` within ``options.max_width`` with no more "…" than its text holds."""
     width = options.max_width
     shown = 0
-    for line in Segment.split_lines(console.render(renderable, options)):
+    for line in Segment.split_lines(console.render(table, options)):
         text = "".join(segment.text for segment in line if not segment.control)
         if cell_len(text) > width:
             return False
         shown += text.count(ELLIPSIS)
-    return shown <= _ellipses(console, renderable)
+    return shown <= _ellipses(console, table)
 
 
 def _ellipses(console: Console, table: Table) -> int:
