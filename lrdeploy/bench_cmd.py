@@ -353,7 +353,7 @@ def render_stability_table(report: Mapping[str, Any]) -> RenderableType:
     reference = report.get("reference")
     windows = ((report.get("settings") or {}).get("stability") or {}).get("windows", 3)
     table = Table(title="stability windows, tail speed-ups, memory")
-    for col in ("batch", "model", "settled", f"last {windows}\nwindows, ms", "rounds", "p90 ×", "p99 ×",
+    for col in ("batch", "model", "settled", f"last {windows} windows, ms", "rounds", "p90 ×", "p99 ×",
                 "peak RSS"):
         table.add_column(col, justify="left" if col in ("model", "rounds") or "windows" in col else "right",
                          overflow="fold" if col == "model" else "ellipsis", no_wrap=col != "model")
@@ -383,10 +383,10 @@ def render_profile_table(profiles: Mapping[str, Any], top: int = 5) -> Renderabl
     from lrdeploy.serving.profile import top_ops
 
     table = Table(title="where the time goes (ONNX Runtime profiler, share of kernel time)")
-    for col in ("model", "batch", "run\nmedian", "in\nkernels", f"top {top} op types"):
-        text = col in ("model", f"top {top} op types")
-        table.add_column(col, justify="left" if text else "right", overflow="fold" if text else "ellipsis",
-                         no_wrap=not text)
+    for col in ("model", "batch", "run median", "in kernels", f"top {top} op types"):
+        text = col in ("model", f"top {top} op types")  # an op type is never split, a long name folds
+        table.add_column(col, justify="left" if text else "right", no_wrap=not text,
+                         overflow="fold" if col == "model" else "ellipsis")
     for label, per_batch in profiles.items():
         if not per_batch.get("available", True):
             table.add_row(label, "—", "—", "—", str(per_batch.get("reason", "not available")))

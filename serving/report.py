@@ -343,13 +343,13 @@ def _compare_rows(report: Mapping[str, Any]) -> tuple[str, str | None, _Rows]:
 
 
 def render_compare_table(report: Mapping[str, Any]) -> Table:
-    """One table: model summary, accuracy, latency per batch, parity, budget. Missing parts are skipped."""
+    """One table: model summary, accuracy, latency per batch, parity, budget. Missing parts are skipped. Every
+    column wraps (long names fold), so it fits any console down to 80 columns with nothing elided."""
     title, caption, rows = _compare_rows(report)
     table = Table(title=title, caption=caption, show_lines=False)
-    table.add_column("", style="bold")
-    table.add_column("reference", justify="right")
-    table.add_column("candidate", justify="right")
-    table.add_column("change", justify="right")
+    table.add_column("", style="bold", overflow="fold")
+    for col in ("reference", "candidate", "change"):
+        table.add_column(col, justify="right", overflow="fold")
     for _, section in rows.sections:
         if not section:
             continue
@@ -630,10 +630,10 @@ def _ms_value(v: Any) -> str:
 
 
 # (header, justify) of the bench table; numbers never wrap, the model name folds. At 80 columns the first
-# seven fit for names up to 16 characters; round spread and runs then go to a second table (see ``fit``).
-_BENCH_COLUMNS = (("batch", "right"), ("model", "left"), ("median\nms", "right"), ("p90\nms", "right"),
-                  ("p99\nms", "right"), ("samples/s", "right"), ("speed-up", "right"),
-                  ("round\nspread", "right"), ("runs", "right"))
+# seven fit for names up to ~15 characters; round spread and runs then go to a second table (see ``fit``).
+_BENCH_COLUMNS = (("batch", "right"), ("model", "left"), ("median ms", "right"), ("p90 ms", "right"),
+                  ("p99 ms", "right"), ("samples/s", "right"), ("speed-up", "right"),
+                  ("round spread", "right"), ("runs", "right"))
 
 
 def render_bench_table(bench: Any) -> RenderableType:
@@ -1079,18 +1079,20 @@ def _summary_metrics(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return list(out.values())
 
 
-def render_summary_table(summary: Mapping[str, Any]) -> Table:
-    """Every model of every run in one table (see :func:`merge_reports`); p99 columns are in the Markdown."""
+def render_summary_table(summary: Mapping[str, Any]) -> RenderableType:
+    """Every model of every run in one table (see :func:`merge_reports`); p99 columns are in the Markdown. A
+    console too narrow for every column gets them in several tables, each led by the model's name."""
     header, rows = _summary_columns(summary, tails=False)
     title = "lrdeploy report"
     if summary.get("dataset"):
         title += f": {summary['dataset']}"
     table = Table(title=title, caption=summary.get("caption"))
-    for col in header:
-        table.add_column(col, justify="left" if col in ("model", "role") else "right")
+    for col in header:  # the name folds; numbers and verdicts never wrap (headers do, where room is short)
+        table.add_column(col, overflow="fold" if col == "model" else "ellipsis", no_wrap=col != "model",
+                         justify="left" if col in ("model", "role") else "right")
     for row in rows:
         table.add_row(*row)
-    return table
+    return fit(table, keys=1)
 
 
 def render_summary_markdown(summary: Mapping[str, Any], plot: str | None = None) -> str:
@@ -1195,8 +1197,8 @@ def render_check_table(result: Mapping[str, Any]) -> Table:
                f"preset {result.get('precision')}")
     table = Table(title=title, caption=caption)
     columns = (("", "left"), ("golden", "right"), ("candidate", "right"), ("limit / change", "right"))
-    for col, justify in columns:
-        table.add_column(col, justify=justify, style="bold" if not col else None)
+    for col, justify in columns:  # every column wraps (long names fold): fits 80 columns, nothing elided
+        table.add_column(col, justify=justify, style="bold" if not col else None, overflow="fold")
     for _, section in rows.sections:
         for cells in section:
             table.add_row(*cells)
