@@ -9,9 +9,7 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
@@ -62,52 +60,17 @@ def test_bench_command_fits_80_columns(tmp_path):
     out = proc.stdout
     assert "lrdeploy bench (reference: dense)" in out and "lowrank_r8" in out and "where the time goes" in out
     assert_fits(out)
-    assert Path(models[0]).is_file()
-
-
-def test_bench_command_is_one_table_per_kind_when_wide():
-    """Wide enough, nothing is split: the bench table holds all nine columns."""
-    from lrdeploy.serving.report import render_bench_table
-
-    out = rendered(render_bench_table(_bench_result(["dense", "svd"], (1, 32))), width=160)
-    assert "continued" not in out and "round" in out and "runs" in out and "samples/s" in out
-    assert_fits(out, 160)
 
 
 # ------------------------------------------------------------------------------------------- bench report
-class _Clock:
-    t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class _Timed:
-    """A runtime whose calls advance a fake clock by ``ms`` per sample (plus a little jitter per call)."""
-
-    def __init__(self, clock: _Clock, ms: float) -> None:
-        self.clock, self.ms, self.calls = clock, ms, 0
-
-    def inputs(self) -> list:
-        from lrdeploy.serving.runtimes import IOInfo
-
-        return [IOInfo("x", np.dtype(np.float32), None)]
-
-    def run(self, feeds):
-        self.calls += 1
-        x = feeds["x"]
-        self.clock.t += self.ms * len(x) * (1 + 0.3 * (self.calls % 7 == 0)) / 1e3
-        return {"y": x}
-
-    def describe(self) -> dict:
-        return {"backend": "fake", "threads": 1}
-
-
 def _bench_result(names: list[str], batches: tuple[int, ...], windows: int = 3) -> dict:
+    """A real ``benchmark`` on runtimes that advance a fake clock (test_report's): 0.4 ms a sample, /2, /3."""
     from lrdeploy.serving.bench import benchmark
 
+    from .test_report import _Clock, _Timed
+
     clock = _Clock()
-    runtimes = {name: _Timed(clock, 0.4 / (i + 1)) for i, name in enumerate(names)}
+    runtimes = {name: _Timed(name, clock, 0.4e-3 / (i + 1)) for i, name in enumerate(names)}
     res = benchmark(runtimes, (3,), batch_sizes=batches, warmup_s=0, min_runs=3, min_seconds=0, rounds=3,
                     progress=False, clock=clock, block_warmup_runs=0, stability_tol=0.02,
                     stability_windows=windows, time_limit_s=1.0, max_rounds=6)
@@ -125,6 +88,7 @@ def _profile(batches: tuple[int, ...]) -> dict:
 
 def test_bench_report_with_long_names_four_batches_and_five_windows_fits():
     from lrdeploy.bench_cmd import print_report
+    from lrdeploy.serving.report import render_bench_table
 
     names = ["resnet18-w16-dense", "resnet18-w16-cuttlefish", "resnet18-w16-svd-r0.25"]
     batches = (1, 8, 32, 128)
@@ -137,6 +101,9 @@ def test_bench_report_with_long_names_four_batches_and_five_windows_fits():
     for needle in ("samples/s", "speed-up", "round", "spread", "runs", "settled", "last 5", "rounds", "p99 ×",
                    "peak RSS", "top 5 op types", "BatchNormalization 15.1 %", "resnet18-w16-svd-r0.25"):
         assert needle in text, needle
+    wide = rendered(render_bench_table(report), width=160)  # wide enough: one table, headers on one line
+    assert_fits(wide, 160)
+    assert "continued" not in wide and "round spread" in wide and "median ms" in wide
 
 
 # ------------------------------------------------------------------------------------ compare, report, check
@@ -177,20 +144,22 @@ def test_summary_table_of_three_runs_at_four_batch_sizes_fits():
 
 
 def test_check_table_fits(tmp_path):
+    """`lrdeploy check` failing on a seq2seq encoder: its output name (Hugging Face's) is in every failure."""
     from lrdeploy.serving.golden import check_golden, load_golden, save_golden
     from lrdeploy.serving.report import render_check_table
 
     from .test_golden import _arrays, _Linear
 
-    x, w, y, labels = _arrays()
-    golden = load_golden(save_golden(tmp_path / "golden-resnet18-w16-dense", x, {"logits": y}, labels=labels,
-                                     precision="fp32", dataset={"name": "cifar10", "split": "test"}))
-    result = check_golden(golden, _Linear(w, noise=1e-3),
-                          candidate={"name": "resnet18-w16-cuttlefish-folded-fp16", "path": "model.onnx"})
+    x, w, y, _ = _arrays()
+    name = "encoder_last_hidden_state"
+    golden = load_golden(save_golden(tmp_path / "golden-t5-small-encoder", x, {name: y}, precision="fp32",
+                                     dataset={"name": "multi30k-en", "split": "test"}))
+    result = check_golden(golden, _Linear(w, noise=1e-3, output=name),
+                          candidate={"name": "t5-small-encoder-asvd-r0.5", "path": "model.onnx"})
     assert not result["passed"]
     out = rendered(render_check_table(result))
     assert_fits(out)
-    assert "FAIL" in out and "rel L2" in out
+    assert "FAIL" in out and "rel L2" in out and "encoder_last_hidden_sta" in out
 
 
 # ------------------------------------------------------------------------------------------------ loadtest
