@@ -86,7 +86,8 @@ class LintReport:
 
     def render(self) -> Any:
         """A Rich table titled with opset and IR version: per finding its severity over its code, the node,
-        and the message over the fix; on a console too narrow for the three, the message goes below."""
+        and the message over the fix; on a console too narrow for the three, a second table holds the message
+        (see :func:`lrdeploy.tables.fit`)."""
         from rich.table import Table
         from rich.text import Text
 

@@ -127,7 +127,7 @@ def models_table() -> Any:
     from lrdeploy.tables import Items, fit
 
     table = Table(title="lrdeploy models")
-    for col in ("name", "input", "classes", "description"):
+    for col in ("name", "input", "classes", "description"):  # an input list wraps between inputs, not in one
         table.add_column(col, overflow="ellipsis" if col == "input" else "fold", no_wrap=col == "classes")
     for spec in list_models():
         shape = (

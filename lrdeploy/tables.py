@@ -1,10 +1,11 @@
-"""Tables that fit the terminal: a wide Rich table is printed whole where it fits, else split by columns.
+"""Tables that fit the terminal: a Rich table printed whole where it fits, else split by columns.
 
-Every table lrdeploy prints must fit an 80-column terminal with no cell elided ("…"). Tables whose columns
-are few and free-text wrap (``overflow="fold"``); tables whose column count depends on the data (batch sizes,
-metrics, runs) go through :func:`fit`: the table as built when the console is wide enough, otherwise several
-tables that each repeat the first ``keys`` columns (what a row is) and carry as many of the other columns,
-in order, as fit. Nothing is dropped: every column is in one of the parts.
+Every table lrdeploy prints fits an 80-column terminal with no cell elided ("…"). A table of a few columns
+only has to let its text wrap (``overflow="fold"``: a long name is folded, never cut). A table whose width
+depends on the data (batch sizes, metrics, runs, long names) goes through :func:`fit`: printed as built where
+the console is wide enough, otherwise as several tables that each repeat the first ``keys`` columns (what a
+row is) and carry, in order, as many of the others as fit. Nothing is dropped: every column is in a part.
+:class:`Items` is a cell of short items (op types, a rank history) that wraps only between items.
 """
 
 from __future__ import annotations
@@ -59,13 +60,13 @@ class FittedTable:
         width = options.max_width
         n = len(sizes)
         whole = self._part(list(range(n)), sizes, width, 0)
-        if whole is not None and renders_within(console, options, whole):
+        if whole is not None and _renders_within(console, options, whole):
             return [whole]
         keys = list(range(self.keys))
         groups: list[list[int]] = []
         for index in range(self.keys, n):
             trial = self._part(keys + groups[-1] + [index], sizes, width, 0) if groups else None
-            if trial is not None and renders_within(console, options, trial):
+            if trial is not None and _renders_within(console, options, trial):
                 groups[-1].append(index)
             else:
                 groups.append([index])
@@ -144,7 +145,7 @@ def _chrome(table: Table) -> int:
     return pad + ((2 if table.show_edge else 0) + max(n - 1, 0) if table.box else 0)
 
 
-def renders_within(console: Console, options: ConsoleOptions, table: Table) -> bool:
+def _renders_within(console: Console, options: ConsoleOptions, table: Table) -> bool:
     """Whether Rich draws ``table`` within ``options.max_width`` with no more "…" than its text holds."""
     width = options.max_width
     shown = 0

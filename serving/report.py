@@ -630,7 +630,7 @@ def _ms_value(v: Any) -> str:
 
 
 # (header, justify) of the bench table; numbers never wrap, the model name folds. At 80 columns the first
-# seven fit for names up to ~15 characters; round spread and runs then go to a second table (see ``fit``).
+# seven fit for names up to 14 characters; round spread and runs then go to a second table (see ``fit``).
 _BENCH_COLUMNS = (("batch", "right"), ("model", "left"), ("median ms", "right"), ("p90 ms", "right"),
                   ("p99 ms", "right"), ("samples/s", "right"), ("speed-up", "right"),
                   ("round spread", "right"), ("runs", "right"))
