@@ -353,7 +353,7 @@ def render_stability_table(report: Mapping[str, Any]) -> RenderableType:
     reference = report.get("reference")
     windows = ((report.get("settings") or {}).get("stability") or {}).get("windows", 3)
     table = Table(title="stability windows, tail speed-ups, memory")
-    for col in ("batch", "model", "settled", f"last {windows} windows, ms", "rounds", "p90 ×", "p99 ×",
+    for col in ("batch", "model", "settled", f"last {windows} windows, ms", "rounds", "p90 / p99 ×",
                 "peak RSS"):
         table.add_column(col, justify="left" if col in ("model", "rounds") or "windows" in col else "right",
                          overflow="fold" if col == "model" else "ellipsis", no_wrap=col != "model")
@@ -369,9 +369,9 @@ def render_stability_table(report: Mapping[str, Any]) -> RenderableType:
             sp90, sp99 = (at.get(s, {}).get(name) for s in ("p90", "p99"))
             mem = (res.get("memory") or {}).get(name) or {}
             rounds = f"{res.get('rounds')}, {_STOP.get(res.get('stop_reason'), res.get('stop_reason'))}"
-            table.add_row(key if i == 0 else "", name, settled, shown, rounds if i == 0 else "",
-                          "—" if name == reference or sp90 is None else f"{sp90:.2f}",
-                          "—" if name == reference or sp99 is None else f"{sp99:.2f}",
+            tails = "—" if name == reference or (sp90 is None and sp99 is None) else " / ".join(
+                "—" if sp is None else f"{sp:.2f}" for sp in (sp90, sp99))  # one column: never split apart
+            table.add_row(key if i == 0 else "", name, settled, shown, rounds if i == 0 else "", tails,
                           _mib(mem.get("cuda_peak_allocated_bytes") or mem.get("peak_rss_bytes")))
         table.add_section()
     return fit(table, keys=2)
