@@ -14,7 +14,7 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from .test_bench_cmd import FAST, mlp_onnx
+from .test_bench_cmd import mlp_onnx
 
 WIDTH = 80
 _LEFT, _RIGHT = "┏┃┡│├└┗", "┓┃┩│┤┘┛"
@@ -51,10 +51,10 @@ def test_bench_command_fits_80_columns(tmp_path):
               mlp_onnx(tmp_path / "lowrank_r8.onnx", 32, 2, rank=8)]
     env = {**os.environ, "COLUMNS": str(WIDTH)}
     env.pop("LINES", None)
-    fast = [a if a != "0.5" else "0.2" for a in FAST]  # --time-limit: 0.2 s per batch size is plenty here
+    fast = ["--threads", "1", "--seconds", "0", "--min-runs", "3", "--warmup", "0", "--rounds", "3",
+            "--time-limit", "0.2", "--profile", "--profile-runs", "3"]
     proc = subprocess.run(
-        [sys.executable, "-m", "lrdeploy", "bench", *map(str, models), "--batch", "1,8,32", *fast,
-         "--profile", "--profile-runs", "3"],
+        [sys.executable, "-m", "lrdeploy", "bench", *map(str, models), "--batch", "1,8,32", *fast],
         capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
