@@ -98,14 +98,20 @@ class FoldReport:
         return d
 
     def rich_table(self) -> Any:
+        """Per layer: shape, rank, break-even rank, predicted and measured times, decision and why; on a
+        narrow console the later columns go to further tables, each led by the layer's name."""
         from rich.table import Table
+
+        from lrdeploy.tables import fit
 
         title = f"Folding ({self.mode}, {self.backend}, batch {self.batch_size})"
         table = Table(title=title)
         for col, justify in [("layer", "left"), ("shape", "left"), ("rank", "right"), ("full", "right"),
                              ("break-even", "right"), ("factored ms", "right"), ("dense ms", "right"),
                              ("decision", "left"), ("in model ms", "right"), ("why", "left")]:
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+            text = col in ("layer", "shape", "why")  # names and text fold or wrap; figures never wrap
+            table.add_column(col, justify=justify, no_wrap=not text,  # type: ignore[arg-type]
+                             overflow="fold" if text else "ellipsis")
         for lf in self.layers:
             be = f"{lf.break_even_rank:.1f}" + ("" if lf.break_even_source == "measured" else " (flops)")
             table.add_row(lf.name or "<model>", lf.shape, str(lf.rank), str(lf.full_rank), be,
@@ -120,7 +126,7 @@ class FoldReport:
                 f"kernel time per call in the exported graph (batch {m.get('batch_size')}, "
                 f"{m.get('threads')} threads). Outside these layers: {m.get('other_ms', 0):.4f} ms"
                 + (f"; layers hold {share:.0%} of kernel time" if share is not None else ""))
-        return table
+        return fit(table, keys=1)
 
     def render(self, console: Any = None) -> None:
         from rich.console import Console

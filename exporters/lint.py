@@ -85,18 +85,25 @@ class LintReport:
         return f"{self.path or 'graph'}: {first.code}{where}: {first.message}{more}"
 
     def render(self) -> Any:
-        """A Rich table (severity, code, node, message, fix), titled with opset and IR version."""
+        """A Rich table titled with opset and IR version: per finding its severity over its code, the node,
+        and the message over the fix; on a console too narrow for the three, a second table holds the message
+        (see :func:`lrdeploy.tables.fit`)."""
         from rich.table import Table
+        from rich.text import Text
+
+        from lrdeploy.tables import fit
 
         title = (f"TensorRT lint: {self.path or 'graph'} (opset {self.opset}, IR {self.ir_version}) — "
                  f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)")
-        table = Table(title=title)
-        for col in ("severity", "code", "node", "message", "fix"):
-            table.add_column(col, overflow="fold")
+        table = Table(title=title, show_lines=True)
+        table.add_column("severity\ncode", no_wrap=True)
+        table.add_column("node", overflow="fold")
+        table.add_column("message\nfix", overflow="fold")
         for f in self.findings:
             style = "red" if f.severity == "error" else "yellow"
-            table.add_row(f"[{style}]{f.severity}[/{style}]", f.code, f.node or "", f.message, f.fix)
-        return table
+            table.add_row(Text.assemble((f.severity, style), "\n", f.code), f.node or "",
+                          Text.assemble(f.message, "\n", ("fix: ", "bold"), f.fix))
+        return fit(table, keys=1)
 
 
 def load_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str | None]:

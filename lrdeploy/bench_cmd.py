@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -34,6 +34,7 @@ from lrdeploy import run_record, terminal
 from lrdeploy.cli_checks import DAY_S, check_finite, check_fits, check_int64
 from lrdeploy.cli_choices import ONNX_RUNTIMES
 from lrdeploy.errors import UserError
+from lrdeploy.tables import Items, fit
 
 SCHEMA = "lrdeploy.bench/1"
 
@@ -349,14 +350,16 @@ def _mib(v: Any) -> str:
 _STOP = {"stable": "settled", "time_limit": "time limit", "max_rounds": "max rounds", "rounds": "fixed"}
 
 
-def render_stability_table(report: Mapping[str, Any]) -> Table:
-    """Per batch and model: did the windows settle, the last window medians, tail speed-ups, peak memory."""
+def render_stability_table(report: Mapping[str, Any]) -> RenderableType:
+    """Per batch and model: did the windows settle, the last window medians, rounds, tail speed-ups, peak
+    memory; on a narrow console the tail speed-ups and memory go to a second table."""
     reference = report.get("reference")
     windows = ((report.get("settings") or {}).get("stability") or {}).get("windows", 3)
     table = Table(title="stability windows, tail speed-ups, memory")
-    for col in ("batch", "rounds", "model", "settled", f"last {windows} windows (ms)", "p90 ×", "p99 ×",
+    for col in ("batch", "model", "settled", f"last {windows} windows, ms", "rounds", "p90 / p99 ×",
                 "peak RSS"):
-        table.add_column(col, justify="left" if col in ("model", "rounds") or "windows" in col else "right")
+        table.add_column(col, justify="left" if col in ("model", "rounds") or "windows" in col else "right",
+                         overflow="fold" if col == "model" else "ellipsis", no_wrap=col != "model")
     for key in sorted(report.get("batches", {}), key=int):
         res = report["batches"][key]
         for i, (name, st) in enumerate((res.get("stability") or {}).items()):
@@ -369,21 +372,24 @@ def render_stability_table(report: Mapping[str, Any]) -> Table:
             sp90, sp99 = (at.get(s, {}).get(name) for s in ("p90", "p99"))
             mem = (res.get("memory") or {}).get(name) or {}
             rounds = f"{res.get('rounds')}, {_STOP.get(res.get('stop_reason'), res.get('stop_reason'))}"
-            table.add_row(key if i == 0 else "", rounds if i == 0 else "", name, settled, shown,
-                          "—" if name == reference or sp90 is None else f"{sp90:.2f}",
-                          "—" if name == reference or sp99 is None else f"{sp99:.2f}",
+            tails = "—" if name == reference or (sp90 is None and sp99 is None) else " / ".join(
+                "—" if sp is None else f"{sp:.2f}" for sp in (sp90, sp99))  # one column: never split apart
+            table.add_row(key if i == 0 else "", name, settled, shown, rounds if i == 0 else "", tails,
                           _mib(mem.get("cuda_peak_allocated_bytes") or mem.get("peak_rss_bytes")))
         table.add_section()
-    return table
+    return fit(table, keys=2)
 
 
-def render_profile_table(profiles: Mapping[str, Any], top: int = 5) -> Table:
-    """The most expensive op types per model and batch size (share of kernel time)."""
+def render_profile_table(profiles: Mapping[str, Any], top: int = 5) -> RenderableType:
+    """The most expensive op types per model and batch size (share of kernel time); the op list wraps
+    between op types."""
     from lrdeploy.serving.profile import top_ops
 
     table = Table(title="where the time goes (ONNX Runtime profiler, share of kernel time)")
     for col in ("model", "batch", "run median", "in kernels", f"top {top} op types"):
-        table.add_column(col, justify="left" if col in ("model", f"top {top} op types") else "right")
+        text = col in ("model", f"top {top} op types")  # an op type is never split, a long name folds
+        table.add_column(col, justify="left" if text else "right", no_wrap=not text,
+                         overflow="fold" if col == "model" else "ellipsis")
     for label, per_batch in profiles.items():
         if not per_batch.get("available", True):
             table.add_row(label, "—", "—", "—", str(per_batch.get("reason", "not available")))
@@ -392,11 +398,11 @@ def render_profile_table(profiles: Mapping[str, Any], top: int = 5) -> Table:
             prof = per_batch[key]
             run = (prof.get("run_us") or {}).get("median")
             share = prof.get("kernel_share_of_run")
-            ops = " · ".join(f"{op} {100 * s:.1f} %" for op, s in top_ops(prof, top))
+            ops = Items([f"{op} {100 * s:.1f} %" for op, s in top_ops(prof, top)])
             table.add_row(label, key, "—" if run is None else f"{run:,.0f} µs",
                           "—" if share is None else f"{100 * share:.0f} %", ops)
         table.add_section()
-    return table
+    return fit(table, keys=2)
 
 
 def print_report(report: Mapping[str, Any], out: Console, err: Console) -> None:

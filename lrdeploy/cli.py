@@ -97,23 +97,32 @@ def _parse_batches(text: str) -> list[int]:
     return values
 
 
-def models_cmd() -> None:
-    """List the models in the registry."""
+def models_table() -> Any:
+    """The registry as a table; every column but the class count wraps (an input list between inputs, long
+    names fold), so it fits 80 columns with nothing elided (see :func:`lrdeploy.tables.fit`)."""
     from rich.table import Table
 
     from lrdeploy.models import list_models
+    from lrdeploy.tables import Items, fit
 
     table = Table(title="lrdeploy models")
-    for col in ("name", "input", "classes", "description"):
-        table.add_column(col)
+    for col in ("name", "input", "classes", "description"):  # an input list wraps between inputs, not in one
+        table.add_column(col, overflow="ellipsis" if col == "input" else "fold", no_wrap=col == "classes")
     for spec in list_models():
         shape = (
-            ", ".join(f"{i.name} ({i.dtype})" for i in spec.input_specs)
+            Items([f"{i.name} ({i.dtype})" for i in spec.input_specs], ", ")
             if spec.multi_input
             else "×".join(map(str, spec.input_shape))
         )
         table.add_row(spec.name, shape, str(spec.num_classes or "—"), spec.description)
-    console.print(table)
+    return fit(table, keys=1)
+
+
+def models_cmd() -> None:
+    """List the models in the registry."""
+    from lrdeploy.models import list_models
+
+    console.print(models_table())
     if terminal.is_quiet():
         terminal.result(" ".join(spec.name for spec in list_models()), highlight=False)
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
+
+from lrdeploy.tables import Items, fit
 
 DEMO_MODEL = "mlp"
 DEMO_DATA = "mnist"
@@ -28,24 +30,28 @@ DEMO_CUTTLEFISH: dict[str, Any] = {}  # defaults: the detector window scales to 
 PROMISE = {"speedup_b32": 2.0, "max_accuracy_drop": 0.5}  # what the main job must show (README)
 
 
-def _ranks_table(manifest: dict[str, Any]) -> Table:
+def _ranks_table(manifest: dict[str, Any]) -> RenderableType:
+    """Cuttlefish's per-layer ranks: the stable-rank history (last six epochs), the rank chosen and why; the
+    layer names, histories and decisions wrap, the ranks never do."""
     log = manifest["method"].get("log", {})
     table = Table(
         title=f"Cuttlefish: switched after epoch {log.get('switch_epoch')} "
         f"({'forced' if log.get('forced') else 'ranks settled'}), K = {log.get('k')}"
     )
     for col in ("layer", "full rank", "stable rank history", "chosen rank", "decision"):
-        table.add_column(col)
+        rank = col.endswith(" rank")
+        table.add_column(col, justify="right" if rank else "left", no_wrap=rank,
+                         overflow="fold" if col in ("layer", "decision") else "ellipsis")
     for name, layer in log.get("layers", {}).items():
         history = layer.get("stable_rank_history", [])
         table.add_row(
             name,
             str(layer.get("full_rank")),
-            " → ".join(map(str, history[-6:])),
+            Items([str(r) for r in history[-6:]], " → "),
             str(layer.get("rank", "—")),
             str(layer.get("decision", "")),
         )
-    return table
+    return fit(table, keys=1)
 
 
 def demo_entries() -> set[str]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich.console import RenderableType
 from rich.table import Table
 from torch import nn
 
 from lrdeploy.errors import UserError
+from lrdeploy.tables import fit
 
 
 def prune_bundle(bundle_path: Path, *, pattern: str, finetune_epochs: int, dataset: str | None,
@@ -74,15 +76,18 @@ def prune_bundle(bundle_path: Path, *, pattern: str, finetune_epochs: int, datas
     return {"metrics": metrics, "table": _table(rows, kept, n, m)}
 
 
-def _table(rows: list[dict[str, Any]], kept: dict[str, str], n: int, m: int) -> Table:
+def _table(rows: list[dict[str, Any]], kept: dict[str, str], n: int, m: int) -> RenderableType:
+    """Per pruned layer: kind, weights and non-zero weights; then the layers kept dense and why."""
     total = sum(r["weights"] for r in rows)
     table = Table(title=f"{n}:{m} pruning: {len(rows)} layers, {total:,} weights → {total * n // m:,} "
                         "non-zero (dense storage and dense kernels on CPU; faster only with 2:4 kernels on "
                         "NVIDIA GPUs)")
-    for col in ("layer", "kind", "weights", "non-zero", "note"):
-        table.add_column(col)
+    for col in ("layer", "kind", "weights", "non-zero", "note"):  # names and notes fold, counts never wrap
+        text = col in ("layer", "note")
+        table.add_column(col, overflow="fold" if text else "ellipsis", no_wrap=not text,
+                         justify="right" if col in ("weights", "non-zero") else "left")
     for r in rows:
         table.add_row(r["layer"], r["kind"], f"{r['weights']:,}", f"{r['kept']:,}", f"{n}:{m}")
     for name, why in kept.items():
         table.add_row(name, "", "", "", f"dense: {why}")
-    return table
+    return fit(table, keys=1)

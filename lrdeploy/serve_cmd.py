@@ -17,15 +17,17 @@ import json
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import RenderableType
 from rich.table import Table
 
 from lrdeploy import run_record, terminal
 from lrdeploy.errors import UserError
+from lrdeploy.tables import fit
 
 console = terminal.out
 INSTALL_HINT = "pip install 'lrdeploy[serve]' (starlette, uvicorn, prometheus-client, tritonclient, aiohttp)"
@@ -215,20 +217,7 @@ def loadtest(
     result = run_loadtest(url, model, levels, requests=requests, max_seconds=max_seconds,
                           malformed_share=malformed, batch=batch, seq=seq, binary=not json_body,
                           warmup=warmup)
-    table = Table(title=f"loadtest {model} @ {result['url']} ({requests} requests per level, batch {batch})")
-    for col in ("concurrency", "sent", "ok", "4xx (malformed)", "errors", "req/s", "p50 ms", "p90 ms",
-                "p99 ms"):
-        table.add_column(col, justify="right")
-
-    def ms(v: float | None) -> str:
-        return "—" if v is None else f"{v:.2f}"
-
-    for lv in result["levels"]:
-        short = " (time limit)" if lv["sent"] < requests else ""
-        table.add_row(str(lv["concurrency"]), f"{lv['sent']}{short}", str(lv["ok"]), str(lv["rejected"]),
-                      str(lv["errors"]), f"{lv['throughput_rps']:.1f}", ms(lv["p50_ms"]), ms(lv["p90_ms"]),
-                      ms(lv["p99_ms"]))
-    console.print(table)
+    console.print(render_loadtest_table(result))
     if json_path is not None:
         from lrdeploy import atomic
 
@@ -243,6 +232,33 @@ def loadtest(
         terminal.alert.print(f"[bold red]{result['errors']} error(s):[/] {'; '.join(firsts)}",
                              highlight=False)
         raise typer.Exit(code=1)
+
+
+def render_loadtest_table(result: Mapping[str, Any]) -> RenderableType:
+    """One row per concurrency level of a ``loadtest`` result: requests sent, answered, refused as malformed,
+    errors, throughput and latency percentiles; the caption says what 4xx, errors and a starred count mean."""
+    requests, batch = result.get("requests_per_level"), result.get("batch")
+    where = f"{result.get('model')} @ {result.get('url')}"
+    table = Table(title=f"loadtest {where} ({requests} requests per level, batch {batch})")
+    for col in ("clients", "sent", "ok", "4xx", "errors", "req/s", "p50 ms", "p90 ms", "p99 ms"):
+        table.add_column(col, justify="right", no_wrap=True)
+
+    def ms(v: float | None) -> str:
+        return "—" if v is None else f"{v:.2f}"
+
+    stopped = False
+    for lv in result["levels"]:
+        short = isinstance(requests, int) and lv["sent"] < requests
+        stopped |= short
+        table.add_row(str(lv["concurrency"]), f"{lv['sent']}{'*' if short else ''}", str(lv["ok"]),
+                      str(lv["rejected"]), str(lv["errors"]), f"{lv['throughput_rps']:.1f}", ms(lv["p50_ms"]),
+                      ms(lv["p90_ms"]), ms(lv["p99_ms"]))
+    notes = ["clients: concurrent requests", "4xx: malformed requests, refused as they must be",
+             "errors: 5xx, dropped connections, good requests refused or bad ones accepted"]
+    if stopped:
+        notes.append(f"* stopped at the {result.get('max_seconds', 0):g} s time limit")
+    table.caption = "; ".join(notes)
+    return fit(table, keys=1)
 
 
 # ----------------------------------------------------------------------------------------------- triton

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import RenderableType
 from rich.table import Table
 
 from lrdeploy import run_record
 from lrdeploy.errors import UserError
+from lrdeploy.tables import fit
 
 
 @dataclass
@@ -408,8 +410,8 @@ def compress_bundle(
         input_shape=src.input_shape,
         extra=extra,
     )
-    table = _compression_table(report, dense_params, count_params(model))
-    table.caption = _kept_stem_note(model, dense_params)
+    note = _kept_stem_note(model, dense_params)
+    table = _compression_table(report, dense_params, count_params(model), note)
     return {
         "metrics": metrics,
         "report": report,
@@ -513,17 +515,20 @@ def _kept_stem_note(model: torch.nn.Module, dense_params: int) -> str | None:
             "the dense model)")
 
 
-def _compression_table(report: Any, dense_params: int, params: int) -> Table:
+def _compression_table(report: Any, dense_params: int, params: int,
+                       note: str | None = None) -> RenderableType:
+    """Per layer: kind, rank, parameters before → after (activation-aware: output error of plain SVD → the
+    aware factors, and the reduction), why a layer was kept; split by columns on a narrow console."""
     aware = getattr(report, "activation_aware", None)
     how = f", activation-aware ({aware}, {report.calibration_samples} calibration samples)" if aware else ""
-    table = Table(
-        title=f"SVD compression{how}: {dense_params:,} → {params:,} parameters ({dense_params / params:.2f}×)"
-    )
+    counts = f"{dense_params:,} → {params:,} parameters ({dense_params / params:.2f}×)"
+    table = Table(title=f"SVD compression{how}: {counts}", caption=note)
     columns = ["layer", "kind", "rank / full", "params before → after"]
     if aware:  # relative output error on the calibration inputs, and how much lower than plain SVD's
         columns += ["output error: svd → aware", "reduction"]
-    for col in (*columns, "note"):
-        table.add_column(col)
+    for col in (*columns, "note"):  # names and notes fold; the figures never wrap
+        text = col in ("layer", "note")
+        table.add_column(col, overflow="fold" if text else "ellipsis", no_wrap=not text)
     for layer in report.layers:
         row = [
             layer.name,
@@ -536,7 +541,7 @@ def _compression_table(report: Any, dense_params: int, params: int) -> Table:
             row += [f"{layer.output_error_svd:.2%} → {layer.output_error:.2%}" if ratio is not None else "",
                     f"{ratio:.2f}×" if ratio is not None else ""]
         table.add_row(*row, layer.skipped or layer.note or "")
-    return table
+    return fit(table, keys=1)
 
 
 def _example_input(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:

@@ -96,10 +96,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from lrdeploy import atomic
+from lrdeploy.tables import fit
 
 SCHEMA = "lrdeploy.compare/1"
 # Rounds whose speed-ups differ by more than this factor are flagged: baseline.md saw 1-2 % typical and
@@ -341,13 +343,13 @@ def _compare_rows(report: Mapping[str, Any]) -> tuple[str, str | None, _Rows]:
 
 
 def render_compare_table(report: Mapping[str, Any]) -> Table:
-    """One table: model summary, accuracy, latency per batch, parity, budget. Missing parts are skipped."""
+    """One table: model summary, accuracy, latency per batch, parity, budget. Missing parts are skipped. Every
+    column wraps (long names fold), so it fits any console down to 80 columns with nothing elided."""
     title, caption, rows = _compare_rows(report)
     table = Table(title=title, caption=caption, show_lines=False)
-    table.add_column("", style="bold")
-    table.add_column("reference", justify="right")
-    table.add_column("candidate", justify="right")
-    table.add_column("change", justify="right")
+    table.add_column("", style="bold", overflow="fold")
+    for col in ("reference", "candidate", "change"):
+        table.add_column(col, justify="right", overflow="fold")
     for _, section in rows.sections:
         if not section:
             continue
@@ -622,14 +624,28 @@ def _environment_caption(env: Mapping[str, Any]) -> str | None:
     return " · ".join(parts) or None
 
 
-def render_bench_table(bench: Any) -> Table:
-    """All runtimes × batch sizes of a ``BenchResult`` (or its dict), speed-ups vs the reference."""
+def _ms_value(v: Any) -> str:
+    """A time in ms without the unit (the column header carries it)."""
+    return _ms(v).removesuffix(" ms")
+
+
+# (header, justify) of the bench table; numbers never wrap, the model name folds. At 80 columns the first
+# seven fit for names up to 14 characters; round spread and runs then go to a second table (see ``fit``).
+_BENCH_COLUMNS = (("batch", "right"), ("model", "left"), ("median ms", "right"), ("p90 ms", "right"),
+                  ("p99 ms", "right"), ("samples/s", "right"), ("speed-up", "right"),
+                  ("round spread", "right"), ("runs", "right"))
+
+
+def render_bench_table(bench: Any) -> RenderableType:
+    """All runtimes × batch sizes of a ``BenchResult`` (or its dict), speed-ups vs the reference; a console
+    too narrow for every column gets them in two tables, each led by batch and model."""
     data = bench.to_dict() if hasattr(bench, "to_dict") else dict(bench)
     reference = data.get("reference", "")
     table = Table(title=f"lrdeploy bench (reference: {reference})",
                   caption=_environment_caption(_d(data, "environment")))
-    for col in ("batch", "runtime", "median", "p90", "p99", "samples/s", "runs", "speed-up", "round spread"):
-        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for header, justify in _BENCH_COLUMNS:
+        model = header == "model"
+        table.add_column(header, justify=justify, overflow="fold" if model else "ellipsis", no_wrap=not model)
     batches = _d(data, "batches")
     for batch in sorted(batches, key=_batch_key):
         res = batches[batch]
@@ -638,12 +654,12 @@ def render_bench_table(bench: Any) -> Table:
             spread = _num(_d(res, "ratio_spread").get(name))
             spread_text = Text(_NA) if name == reference or spread is None else Text(
                 f"{spread:.2f}×", style="bold yellow" if spread > UNSTABLE_SPREAD else "")
-            table.add_row(str(batch), name, _ms(stats.get("median_ms")), _ms(stats.get("p90_ms")),
-                          _ms(stats.get("p99_ms")), _rate(stats.get("throughput")),
-                          _scalar(stats.get("runs")),
-                          Text("reference") if name == reference else _speedup_text(speedup), spread_text)
+            table.add_row(str(batch), name, _ms_value(stats.get("median_ms")), _ms_value(stats.get("p90_ms")),
+                          _ms_value(stats.get("p99_ms")), _rate(stats.get("throughput")),
+                          Text("reference") if name == reference else _speedup_text(speedup), spread_text,
+                          _scalar(stats.get("runs")))
         table.add_section()
-    return table
+    return fit(table, keys=2)
 
 
 # --------------------------------------------------------------------------------------------- markdown
@@ -1063,18 +1079,20 @@ def _summary_metrics(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return list(out.values())
 
 
-def render_summary_table(summary: Mapping[str, Any]) -> Table:
-    """Every model of every run in one table (see :func:`merge_reports`); p99 columns are in the Markdown."""
+def render_summary_table(summary: Mapping[str, Any]) -> RenderableType:
+    """Every model of every run in one table (see :func:`merge_reports`); p99 columns are in the Markdown. A
+    console too narrow for every column gets them in several tables, each led by the model's name."""
     header, rows = _summary_columns(summary, tails=False)
     title = "lrdeploy report"
     if summary.get("dataset"):
         title += f": {summary['dataset']}"
     table = Table(title=title, caption=summary.get("caption"))
-    for col in header:
-        table.add_column(col, justify="left" if col in ("model", "role") else "right")
+    for col in header:  # the name folds; numbers and verdicts never wrap (headers do, where room is short)
+        table.add_column(col, overflow="fold" if col == "model" else "ellipsis", no_wrap=col != "model",
+                         justify="left" if col in ("model", "role") else "right")
     for row in rows:
         table.add_row(*row)
-    return table
+    return fit(table, keys=1)
 
 
 def render_summary_markdown(summary: Mapping[str, Any], plot: str | None = None) -> str:
@@ -1179,8 +1197,8 @@ def render_check_table(result: Mapping[str, Any]) -> Table:
                f"preset {result.get('precision')}")
     table = Table(title=title, caption=caption)
     columns = (("", "left"), ("golden", "right"), ("candidate", "right"), ("limit / change", "right"))
-    for col, justify in columns:
-        table.add_column(col, justify=justify, style="bold" if not col else None)
+    for col, justify in columns:  # every column wraps (long names fold): fits 80 columns, nothing elided
+        table.add_column(col, justify=justify, style="bold" if not col else None, overflow="fold")
     for _, section in rows.sections:
         for cells in section:
             table.add_row(*cells)
