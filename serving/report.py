@@ -12,6 +12,8 @@ or shape), so the schema name stays ``lrdeploy.compare/1``.
       "created": "2026-11-25T10:00:00+00:00",          # UTC ISO time, optional
       "command": "lrdeploy compare ...",                # how it was produced, optional
       "lrdeploy_version": "0.1.0",
+      "run": {...} | null,                              # (+) lrdeploy.run_record: the resolved command line
+                                                        #     (null from Python); `lrdeploy rerun` repeats it
       "reference": {                                    # model summary (all keys optional)
         "name": "dense",                                # (+) file stem / bundle directory name
         "label": "dense", "source": "runs/dense.onnx", "kind": "onnx" | "bundle", "runtime": "ort-cpu",
