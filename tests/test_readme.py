@@ -47,6 +47,16 @@ SKIPS = {
     "--rdzv-endpoint HOST0": "several machines: a rendezvous host that every node reaches",
 }
 
+# Examples the default suite leaves to `-m slow` (still capped there) for their cost alone: a substring of
+# the example -> what it costs capped (serial, on the 2-core machine, nothing else running) and why.
+COSTLY = {
+    "export LRDEPLOY_DATA": "167 s (219 s CPU): MiniLM's whitened SVD and distillation, an int8 export, "
+                            "and a compare that exports the dense encoder on the fly (dynamo)",
+    "lrdeploy demo": "51 s (81 s CPU): `demo` has no --limit-train/--limit-test, so two MLP trainings on "
+                     "all of MNIST, two exports and a compare",
+    "lrdeploy.save_bundle(": "29 s (42 s CPU): two exports, a fine-tune and a compare through the Python API",
+}
+
 # Commands (also inside scripts) whose exit code may be other than 0: a substring of the command ->
 # (accepted codes capped, accepted codes verbatim, why: the README's words for a code it gives — they must
 # still be in the README — or why capping changes it).
@@ -74,6 +84,13 @@ def _skip_reason(example: rx.Example) -> str | None:
 
 
 RUN = [e for e in EXAMPLES if _skip_reason(e) is None]
+
+
+def _costly(example: rx.Example) -> bool:
+    return any(key in example.text for key in COSTLY)
+
+
+CAPPED = [pytest.param(e, id=e.id, marks=[pytest.mark.slow] if _costly(e) else []) for e in RUN]
 
 
 def _expected_codes(command: str, capped: bool) -> tuple[int, ...]:
@@ -108,6 +125,7 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
 def test_every_skip_and_exit_code_is_still_in_the_readme():
     commands = [c for e in EXAMPLES for c in e.commands]
     gone = [key for key in [*SKIPS, *EXIT_CODES, *PRINTS] if not any(key in c for c in commands)]
+    gone += [key for key in COSTLY if not any(key in e.text for e in EXAMPLES)]
     assert not gone, f"listed in tests/test_readme.py but no longer a README command: {gone}"
     prose = " ".join(TEXT.split())
     for key, (_, verbatim_codes, words) in EXIT_CODES.items():
@@ -218,7 +236,7 @@ def _check(harness: rx.Harness, example: rx.Example) -> None:
         assert want in result.stdout, f"{want!r} not printed:\n{result.describe()}"
 
 
-@pytest.mark.parametrize("example", RUN, ids=[e.id for e in RUN])
+@pytest.mark.parametrize("example", CAPPED)
 def test_readme_example(example: rx.Example, capped: rx.Harness):
     _check(capped, example)
 
