@@ -45,7 +45,9 @@ KILLER = Path(__file__).resolve().parent / "train_killer.py"
 COMMAND_LANGS = {"", "bash", "sh", "shell", "console"}
 PROGRAMS = {"lrdeploy", "python", "torchrun"}  # what a command example may start with and be run here
 FILE_NAME = re.compile(r"#\s+([\w.-]+\.[A-Za-z0-9]+)\s*$")
-STATEFUL = re.compile(r"^(export\s|cd\s|wait\b|kill\s+%|[A-Za-z_]\w*=)|&\s*$")
+# a line that changes the shell's state (`VAR=value cmd` only sets cmd's environment: not state)
+STATEFUL = re.compile(r"^(export\s|cd\s|wait\b|kill\s+%|[A-Za-z_]\w*=(\$\(|\S*$))|&\s*$")
+ENV_PREFIX = re.compile(r"^[A-Za-z_]\w*=")
 
 # --- what the harness changes in capped mode (the default suite): the work, never what a flag means ---
 CAP_TRAIN, CAP_TEST = 64, 32  # examples trained on / evaluated on
@@ -287,9 +289,19 @@ def words(stage: str) -> list[str]:
         return stage.split()
 
 
+def program(stage: str) -> str | None:
+    """The program a stage runs (after any `VAR=value` environment prefix)."""
+    argv = words(stage)
+    while argv and ENV_PREFIX.match(argv[0]):
+        argv.pop(0)
+    return argv[0] if argv else None
+
+
 def lrdeploy_argv(stage: str) -> list[str] | None:
     """The arguments after `lrdeploy` (also `torchrun ... -m lrdeploy`), or None for another program."""
     argv = words(stage)
+    while argv and ENV_PREFIX.match(argv[0]):
+        argv.pop(0)
     if argv and argv[0] == "lrdeploy":
         return argv[1:]
     if argv and argv[0] == "torchrun" and "-m" in argv:
@@ -386,6 +398,12 @@ def named_paths(command: str) -> list[str]:
             found.append(_flag(argv, "--checkpoint-dir") or _norm(_flag(argv, "--out")) + ".checkpoint/")
     paths = [_norm(p) for p in found if PATHLIKE.match(p) and ("/" in p or FILE_SUFFIX.search(p))]
     return list(dict.fromkeys(paths))
+
+
+def inputs_of(command: str) -> list[str]:
+    """The paths a command names that it does not write itself: what it reads."""
+    own = set(produced_paths(command))
+    return [p for p in named_paths(command) if p not in own]
 
 
 def mentioned_files(text: str, named: dict[str, str]) -> list[str]:
@@ -508,6 +526,8 @@ class Harness:
             for command in example.commands:
                 for path in produced_paths(command):
                     self.producers.setdefault(path, example)
+        self.home = root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
         self.tasks: dict[str, Task] = {}
         self.where: dict[str, Path] = {}
         self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="readme")
@@ -571,9 +591,8 @@ class Harness:
         example's output nor a PREREQS entry (a script builds its own)."""
         if example.kind != "command":
             return []
-        own = set(produced_paths(example.text))
-        return [p for p in named_paths(example.text)
-                if p not in own and p not in self.named and p not in PREREQS and p not in self.producers]
+        return [p for p in inputs_of(example.text)
+                if p not in self.named and p not in PREREQS and p not in self.producers]
 
     # -- scheduling
 
@@ -692,6 +711,7 @@ class Harness:
             "LRDEPLOY_DATA": str(self.data),
             "PET_MASTER_PORT": str(free_port()),  # torchrun's default 29500 may be taken on a shared machine
             "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": str(self.home),  # e.g. `--install-completion` writes the shell's rc file under HOME
         })
         env.pop("VIRTUAL_ENV", None)
         start = time.monotonic()

@@ -115,8 +115,7 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
     for example in EXAMPLES:
         if example.kind != "command" or _skip_reason(example):
             continue
-        program = rx.words(rx.stages(example.text)[0])[0]
-        if program not in rx.PROGRAMS:
+        if rx.program(rx.stages(example.text)[0]) not in rx.PROGRAMS:
             unrunnable.append(f"README line {example.line}: {example.text}")
     assert not unrunnable, ("README commands the harness cannot run: teach tests/readme_examples.py to run "
                             "them, or list them in SKIPS with the reason:\n" + "\n".join(unrunnable))
@@ -198,6 +197,10 @@ def test_outputs_and_inputs_are_read_from_the_command():
     assert rx.promised_outputs("lrdeploy compare a b.onnx --save-golden golden/") == ["golden"]
     assert "runs/long.checkpoint" in rx.named_paths("lrdeploy train --model m --out runs/long --resume")
     assert rx.promised_outputs("python -c \"import torch; torch.save(m, 'w.pt')\"") == ["w.pt"]
+    assert rx.inputs_of("lrdeploy rerun runs/dense --out runs/again") == ["runs/dense"]
+    assert rx.program("LRDEPLOY_DEBUG=1 lrdeploy check x.onnx") == "lrdeploy"
+    assert not rx.STATEFUL.search("LRDEPLOY_DEBUG=1 lrdeploy check x.onnx")
+    assert rx.STATEFUL.search('M=$(python -c "print(1)")') and rx.STATEFUL.search("X=1")
 
 
 # ------------------------------------------------------------------------------------------ the examples
