@@ -2,7 +2,8 @@
 
 Parsing: every fenced block of README.md is read with the heading it sits under. A block whose first line is
 ``# NAME`` with NAME a file name (``# my_models.py``, ``# run.toml``) is a *file*: it is written as NAME
-into the directory of every example that mentions NAME (or, for a ``.py`` file, its module name). A
+into the directory of every example that mentions NAME (or, for a ``.py`` file, its module name), and of
+every example that reads something such an example wrote (a bundle of ``my_models:build`` imports it). A
 ``bash``/``sh``/``console`` block, or one with no language, holds *commands*, split the way bash splits them:
 ``\\``-newline joins lines, a ``#`` that starts a word outside quotes starts a comment (so comment-only lines
 indented under a command are dropped), and each remaining line is one command. A command block with shell
@@ -529,7 +530,6 @@ class Harness:
         self.home = root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.tasks: dict[str, Task] = {}
-        self.where: dict[str, Path] = {}
         self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="readme")
         self.lock = threading.Lock()
         self.procs: set[subprocess.Popen] = set()
@@ -614,7 +614,9 @@ class Harness:
                 command = re.sub(r"\s--resume\b", "", reader.text)
                 command = cap_command(command) if self.capped else command
                 point = f"installed:{Path(path).name}:1"
-                killed = command.replace("lrdeploy", f"python {shlex.quote(str(KILLER))} write={point}", 1)
+                if not command.startswith("lrdeploy train "):
+                    raise ValueError(f"{INTERRUPTED_RUN} builds from `lrdeploy train ...`, not {command!r}")
+                killed = f"python {shlex.quote(str(KILLER))} write={point}" + command[len("lrdeploy"):]
                 script = substitute(f"{killed}\ntest $? -ne 0  # it must have been killed", self.values)
                 script = f"set +e\n{script}"
                 needs = [p for p in named_paths(command) if p in PREREQS or p in self.producers]
