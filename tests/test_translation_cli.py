@@ -165,7 +165,7 @@ def test_svd_compress_evaluates_and_fine_tunes_a_translation_bundle(tmp_path, da
     torch.set_num_threads(1)
     out = tmp_path / "svd"
     r = invoke("compress", pipeline["root"] / "dense", "--rank-ratio", "0.5", "--finetune-epochs", "1",
-               "--limit-train", "100", "--data-dir", data_dir, "--out", out)
+               "--limit-train", "100", "--limit-test", "50", "--data-dir", data_dir, "--out", out)
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     dense = pipeline["dense"]
