@@ -13,7 +13,12 @@ jobs required to exit 0; a Python block in the same section runs inside it, whil
 command the harness cannot run must be in ``SKIPS`` with the reason; a README command in neither place, a
 path nothing builds, or a table entry whose command left the README, fails.
 
-Default suite (capped). The rot guarded against is flags, paths, outputs and exit codes, not accuracy or
+Tiers. The default suite parses every README `lrdeploy` command with the real CLI parser
+(``test_every_readme_command_parses``: flags, choices, --config files, required arguments) and checks the
+tables below; executing the examples, even capped, costs ~5 minutes of a 2-core machine, past the default
+suite's budget, so it runs with ``-m slow`` (capped, and verbatim).
+
+Capped. The rot guarded against is flags, paths, outputs and exit codes, not accuracy or
 speed, so the harness caps the work (``readme_examples.CAPS``, ``MODEL_CAPS``, ``PY_CAPS``); a value the
 example gives is only ever lowered:
 
@@ -101,7 +106,10 @@ def _costly(example: rx.Example) -> bool:
     return any(key in example.text for key in COSTLY)
 
 
-CAPPED = [pytest.param(e, id=e.id, marks=[pytest.mark.slow] if _costly(e) else []) for e in RUN]
+# Executing the examples costs ~5 minutes of a 2-core machine even capped, more than the default suite's
+# budget allows: they run with -m slow; the default suite parses every command
+# (test_every_readme_command_parses).
+CAPPED = [pytest.param(e, id=e.id, marks=[pytest.mark.slow]) for e in RUN]
 
 
 def _expected_codes(command: str, capped: bool) -> tuple[int, ...]:
@@ -151,6 +159,43 @@ def test_every_path_an_example_reads_has_a_builder(tmp_path):
         harness.close()
     missing = {k: v for k, v in missing.items() if v}
     assert not missing, f"add a line to readme_examples.PREREQS for each: {missing}"
+
+
+def test_every_readme_command_parses(tmp_path, monkeypatch):
+    """Each README `lrdeploy` command, through the real CLI's parser (every flag, choice, --config file and
+    required argument checked, callbacks run), without running it: fast enough for every commit."""
+    import typer
+    import typer.main
+
+    from lrdeploy.cli import app
+    from lrdeploy.cli_checks import click_exceptions
+
+    for name, body in rx.files(TEXT).items():  # run.toml, my_models.py: what --config and --model read
+        (tmp_path / name).write_text(body)
+    monkeypatch.chdir(tmp_path)
+    group = typer.main.get_command(app)
+    checked, refused = 0, []
+    for example in EXAMPLES:
+        for command in example.commands:
+            for stage in rx.stages(command):
+                argv = rx.lrdeploy_argv(rx.substitute(stage, {"data": str(tmp_path), "port": "8000"}))
+                if argv is None or "$" in stage:
+                    continue
+                try:
+                    root = group.make_context("lrdeploy", list(argv), resilient_parsing=False)
+                    rest = [*root._protected_args, *root.args]
+                    if rest:
+                        _, sub, args = group.resolve_command(root, rest)
+                        sub.make_context(rest[0], args, parent=root)
+                    checked += 1
+                except typer.Exit as e:  # --version, -h: eager options that end the command
+                    checked += e.exit_code == 0
+                    if e.exit_code:
+                        refused.append(f"README line {example.line}: {stage} (exit {e.exit_code})")
+                except click_exceptions.ClickException as e:
+                    refused.append(f"README line {example.line}: {stage}: {e.format_message()}")
+    assert not refused, "README commands the CLI refuses:\n" + "\n".join(refused)
+    assert checked >= 40, checked
 
 
 # ------------------------------------------------------------------------------------------ the parser
