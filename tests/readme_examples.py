@@ -717,8 +717,10 @@ class Harness:
         })
         env.pop("VIRTUAL_ENV", None)
         start = time.monotonic()
-        proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        # stdin: never the xdist worker's (its channel to the controller: a child reading it kills the worker)
+        proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         with self.lock:
             self.procs.add(proc)
         note = ""
