@@ -26,8 +26,6 @@ import typer
 
 from lrdeploy.run_record import NOT_RECORDED, key_of
 
-TABLE_FORM = "e.g. `epochs = 3`, or a [train] table per command"
-
 
 def _keys(command: Any) -> dict[str, Any]:
     """Every key a config file may use for ``command`` (flag and parameter spellings) -> its parameter."""

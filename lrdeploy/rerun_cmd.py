@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -164,7 +165,7 @@ def rerun(
     sub = command.commands[spec.name]  # type: ignore[attr-defined]
     argv = run_record.command_line(sub, spec.name, options)
     argv += ["-q"] if terminal.is_quiet() else (["-v"] if terminal.is_verbose() else [])
-    terminal.info.print("rerunning: lrdeploy " + " ".join(_quote(a) for a in argv), markup=False,
+    terminal.info.print("rerunning: lrdeploy " + shlex.join(argv), markup=False,
                         highlight=False, soft_wrap=True)
     made = _prepare(Path(out), spec, options)
     with run_record.invoked_with(argv):
@@ -213,8 +214,3 @@ def _judge(source: Path, record: Path, document: Mapping[str, Any], run: Mapping
     if gate_code == 1 or (check and differ):
         raise typer.Exit(code=1)
 
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
